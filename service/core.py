@@ -1,0 +1,360 @@
+"""The in-process API: find label issues in a dataset from predicted probabilities.
+
+This is what the HTTP service runs for ``POST /find-issues``; pipelines that
+do not want a network hop call it directly::
+
+    from service import find_issues
+
+    result = find_issues(labels, pred_probs, filter_by="prune_by_noise_rate")
+    result.is_label_issue        # bool (N,)
+    result.ranked_issue_indices  # int64, worst first
+    result.noise.inverse_noise_matrix
+
+Inputs: ``labels`` int array (N,) with values in [0, K); ``pred_probs``
+float16, float32 or float64 array (N, K), rows summing to 1 within
+``prob_tolerance``. Results equal those of cleanlab 2.9.0
+(``cleanlab.filter.find_label_issues``, ``cleanlab.rank.get_label_quality_scores``
+and ``cleanlab.count``) for the same inputs and options, with one documented
+difference: where cleanlab orders equal values with an unstable sort, we keep
+them in index order (cleanlab's order for ties depends on the CPU).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numba
+import numpy as np
+
+from service import kernels as kn
+from service.errors import InputError
+
+FilterBy = Literal[
+    "prune_by_noise_rate",
+    "prune_by_class",
+    "both",
+    "confident_learning",
+    "predicted_neq_given",
+    "low_normalized_margin",
+    "low_self_confidence",
+]
+RankBy = Literal["self_confidence", "normalized_margin", "confidence_weighted_entropy"]
+
+FILTER_BY: tuple[str, ...] = FilterBy.__args__  # type: ignore[attr-defined]
+RANK_BY: tuple[str, ...] = RankBy.__args__  # type: ignore[attr-defined]
+PRUNE_METHODS = ("prune_by_noise_rate", "prune_by_class", "both")
+
+_RANK_CODE = {
+    "self_confidence": kn.SELF_CONFIDENCE,
+    "normalized_margin": kn.NORMALIZED_MARGIN,
+    "confidence_weighted_entropy": kn.CONFIDENCE_WEIGHTED_ENTROPY,
+}
+_PREC = {np.dtype(np.float64): kn.PREC64, np.dtype(np.float32): kn.PREC32, np.dtype(np.float16): kn.PREC16}
+
+# numba's default threading layer must not be entered by two threads at once;
+# kernels are parallel inside, so we run one request's kernels at a time.
+_KERNEL_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Options:
+    """Options of :func:`find_issues`, with the reference's defaults.
+
+    filter_by: which examples to flag (cleanlab's ``filter_by``).
+    rank_by: the label quality score reported and used for ranking.
+    frac_noise: flag only this fraction of the estimated issues (prune_* methods).
+    num_to_remove_per_class: per class, how many to flag (prune_* methods).
+    min_examples_per_class: never prune a class below this many examples.
+    adjust_pred_probs: subtract per-class thresholds before scoring.
+    prob_tolerance: how far a row's sum may be from 1 (and a value above 1).
+    """
+
+    filter_by: str = "prune_by_noise_rate"
+    rank_by: str = "self_confidence"
+    frac_noise: float = 1.0
+    num_to_remove_per_class: tuple[int, ...] | None = None
+    min_examples_per_class: int = 1
+    adjust_pred_probs: bool = False
+    prob_tolerance: float = 1e-3
+
+
+@dataclass
+class NoiseEstimates:
+    """Dataset-level estimates. Matrices are (K, K) float64 / int64."""
+
+    thresholds: np.ndarray
+    confident_joint: np.ndarray
+    joint: np.ndarray
+    noise_matrix: np.ndarray
+    inverse_noise_matrix: np.ndarray
+    py: np.ndarray
+    estimated_num_label_issues: int
+
+
+@dataclass
+class FindIssuesResult:
+    """What :func:`find_issues` returns; field names match the HTTP response."""
+
+    n_examples: int
+    n_classes: int
+    num_label_issues: int
+    is_label_issue: np.ndarray
+    label_quality_score: np.ndarray
+    suggested_label: np.ndarray
+    ranked_issue_indices: np.ndarray
+    noise: NoiseEstimates
+    timings: dict[str, float] = field(default_factory=dict, repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A dict of numpy arrays and ints, in the HTTP response's layout."""
+        n = self.noise
+        return {
+            "n_examples": self.n_examples,
+            "n_classes": self.n_classes,
+            "num_label_issues": self.num_label_issues,
+            "is_label_issue": self.is_label_issue,
+            "label_quality_score": self.label_quality_score,
+            "suggested_label": self.suggested_label,
+            "ranked_issue_indices": self.ranked_issue_indices,
+            "noise": {
+                "thresholds": n.thresholds,
+                "confident_joint": n.confident_joint,
+                "joint": n.joint,
+                "noise_matrix": n.noise_matrix,
+                "inverse_noise_matrix": n.inverse_noise_matrix,
+                "py": n.py,
+                "estimated_num_label_issues": n.estimated_num_label_issues,
+            },
+        }
+
+
+# --------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------
+
+
+def make_options(**kwargs: Any) -> Options:
+    """Build and validate :class:`Options`; unknown names or bad values raise InputError."""
+    known = Options.__dataclass_fields__
+    for name in kwargs:
+        if name not in known:
+            raise InputError(f"unknown option {name!r}; known options: {', '.join(known)}", f"options.{name}")
+    opts = Options(**{k: v for k, v in kwargs.items() if v is not None or k == "num_to_remove_per_class"})
+    _check_options(opts)
+    return opts
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
+
+
+def _check_options(o: Options) -> None:
+    if o.filter_by not in FILTER_BY:
+        raise InputError(f"must be one of {', '.join(FILTER_BY)}; got {o.filter_by!r}", "options.filter_by")
+    if o.rank_by not in RANK_BY:
+        raise InputError(f"must be one of {', '.join(RANK_BY)}; got {o.rank_by!r}", "options.rank_by")
+    if not _is_number(o.frac_noise) or not 0.0 <= float(o.frac_noise) <= 1.0:
+        raise InputError(f"must be a number in [0, 1]; got {o.frac_noise!r}", "options.frac_noise")
+    if not _is_int(o.min_examples_per_class) or o.min_examples_per_class < 0:
+        raise InputError(
+            f"must be an integer >= 0; got {o.min_examples_per_class!r}", "options.min_examples_per_class"
+        )
+    if not isinstance(o.adjust_pred_probs, (bool, np.bool_)):
+        raise InputError(f"must be true or false; got {o.adjust_pred_probs!r}", "options.adjust_pred_probs")
+    if not _is_number(o.prob_tolerance) or not 0.0 < float(o.prob_tolerance) <= 0.1:
+        raise InputError(f"must be a number in (0, 0.1]; got {o.prob_tolerance!r}", "options.prob_tolerance")
+    if o.adjust_pred_probs and o.rank_by == "confidence_weighted_entropy":
+        raise InputError(
+            "adjust_pred_probs is not supported with rank_by='confidence_weighted_entropy' (as in the reference)",
+            "options.adjust_pred_probs",
+        )
+    if o.filter_by not in PRUNE_METHODS:
+        if o.num_to_remove_per_class is not None:
+            raise InputError(
+                f"only applies to filter_by {', '.join(PRUNE_METHODS)}; got filter_by={o.filter_by!r}",
+                "options.num_to_remove_per_class",
+            )
+        if float(o.frac_noise) != 1.0:
+            raise InputError(
+                f"only applies to filter_by {', '.join(PRUNE_METHODS)}; got filter_by={o.filter_by!r}",
+                "options.frac_noise",
+            )
+    if o.num_to_remove_per_class is not None:
+        ntr = o.num_to_remove_per_class
+        if isinstance(ntr, (str, bytes)) or not hasattr(ntr, "__len__"):
+            raise InputError("must be a list of integers, one per class", "options.num_to_remove_per_class")
+        for k, v in enumerate(ntr):
+            if not _is_int(v) or v < 0:
+                raise InputError(f"must be an integer >= 0; got {v!r}", f"options.num_to_remove_per_class[{k}]")
+
+
+def _check_labels(labels: Any, n: int, k: int) -> np.ndarray:
+    arr = np.asarray(labels)
+    if arr.ndim != 1:
+        raise InputError(f"must be a 1-D array of class indices; got shape {arr.shape}", "labels")
+    if arr.dtype.kind not in "iu":
+        raise InputError(f"must be integers; got dtype {arr.dtype}", "labels")
+    if arr.shape[0] != n:
+        raise InputError(f"has {arr.shape[0]} entries but pred_probs has {n} rows", "labels")
+    if n and (arr.min() < 0 or arr.max() >= k):
+        bad = int(np.flatnonzero((arr < 0) | (arr >= k))[0])
+        raise InputError(f"labels[{bad}] = {int(arr[bad])} is not a class index in [0, {k})", f"labels[{bad}]")
+    return np.ascontiguousarray(arr, dtype=np.int64)
+
+
+def check_inputs(labels: Any, pred_probs: Any, tolerance: float) -> tuple[np.ndarray, np.ndarray, np.dtype]:
+    """Validate and normalise the data once. Returns (labels int64, P, dtype)
+    where P is C-contiguous float64/float32, or a float16 matrix viewed as
+    uint16, and dtype is the probabilities' dtype."""
+    if not isinstance(pred_probs, np.ndarray):
+        pred_probs = np.asarray(pred_probs)
+    if pred_probs.ndim != 2:
+        raise InputError(f"must be a 2-D array (N examples x K classes); got shape {pred_probs.shape}", "pred_probs")
+    if pred_probs.dtype not in _PREC:
+        raise InputError(f"must be float16, float32 or float64; got dtype {pred_probs.dtype}", "pred_probs")
+    n, k = pred_probs.shape
+    if n < 1:
+        raise InputError("must have at least one row (N >= 1)", "pred_probs")
+    if k < 2:
+        raise InputError(f"must have at least two columns (K >= 2); got K = {k}", "pred_probs")
+    dtype = pred_probs.dtype
+    P = np.ascontiguousarray(pred_probs)
+    if P.dtype == np.float16:
+        P = P.view(np.uint16)
+    code, row, col, value = kn.check_probs(P, float(tolerance), _n_chunks(n))
+    if code == kn.CHECK_NOT_FINITE:
+        raise InputError(f"pred_probs[{row}][{col}] is {value}; values must be finite", f"pred_probs[{row}][{col}]")
+    if code == kn.CHECK_NEGATIVE:
+        raise InputError(f"pred_probs[{row}][{col}] = {value} is negative", f"pred_probs[{row}][{col}]")
+    if code == kn.CHECK_ABOVE_ONE:
+        raise InputError(f"pred_probs[{row}][{col}] = {value} is greater than 1", f"pred_probs[{row}][{col}]")
+    if code == kn.CHECK_ROW_SUM:
+        raise InputError(
+            f"row {row} sums to {value:.9g}, not 1 within prob_tolerance={tolerance:g}", f"pred_probs[{row}]"
+        )
+    return _check_labels(labels, n, k), P, dtype
+
+
+def _n_chunks(n: int) -> int:
+    return max(1, min(n, 8 * numba.get_num_threads()))
+
+
+# --------------------------------------------------------------------------
+# The computation
+# --------------------------------------------------------------------------
+
+
+def _thresholds(P: np.ndarray, dtype: np.dtype, counts: np.ndarray, starts: np.ndarray, order: np.ndarray):
+    """Per-class thresholds as the reference builds them: an array of the
+    input's dtype when every class has examples, else float64 (a missing
+    class gets 2.0). Returns (thresholds as float64, their precision code,
+    the comparison values ``thresholds - 1e-6`` as float64)."""
+    means = kn.class_means(P, order, starts, _PREC[dtype])
+    if (counts > 0).all():
+        t = means.astype(dtype)
+    else:
+        t = np.where(counts > 0, means, kn.MISSING_CLASS_THRESHOLD).astype(np.float64)
+    t = np.clip(t, kn.CONFIDENT_THRESHOLDS_LOWER_BOUND, None)
+    tcmp = t - kn.FLOATING_POINT_COMPARISON
+    return t.astype(np.float64), _PREC[t.dtype], tcmp.astype(np.float64)
+
+
+def find_issues(labels: Any, pred_probs: Any, **options: Any) -> FindIssuesResult:
+    """Find label issues, score every example and estimate the label noise.
+
+    Args:
+        labels: int array-like (N,), the given labels in [0, K).
+        pred_probs: float16/32/64 array (N, K), out-of-sample predicted probabilities.
+        **options: see :class:`Options` (``filter_by``, ``rank_by``, ``frac_noise``,
+            ``num_to_remove_per_class``, ``min_examples_per_class``,
+            ``adjust_pred_probs``, ``prob_tolerance``).
+
+    Raises:
+        InputError: invalid data or options; ``.field`` names the culprit.
+    """
+    opts = make_options(**options)
+    t0 = time.perf_counter()
+    labels_arr, P, dtype = check_inputs(labels, pred_probs, opts.prob_tolerance)
+    t1 = time.perf_counter()
+    with _KERNEL_LOCK:
+        result = _compute(labels_arr, P, dtype, opts)
+    t2 = time.perf_counter()
+    result.timings = {"validate": t1 - t0, "kernel": t2 - t1}
+    return result
+
+
+def _compute(labels: np.ndarray, P: np.ndarray, dtype: np.dtype, o: Options) -> FindIssuesResult:
+    N, K = P.shape
+    prec = _PREC[dtype]
+    chunks = _n_chunks(N)
+    if o.num_to_remove_per_class is not None and len(o.num_to_remove_per_class) != K:
+        raise InputError(
+            f"must have one entry per class (K = {K}); got {len(o.num_to_remove_per_class)}",
+            "options.num_to_remove_per_class",
+        )
+
+    counts, starts, order = kn.class_index(labels, K)
+    thresholds, tprec, tcmp = _thresholds(P, dtype, counts, starts, order)
+    argmax, offdiag, label_is_max, cj_raw = kn.row_pass(P, labels, tcmp, prec, chunks)
+    np.fill_diagonal(cj_raw, np.maximum(np.diagonal(cj_raw), 1))
+    cj = kn.calibrate_confident_joint(cj_raw, counts)
+    joint = cj / max(float(cj.sum()), kn.TINY_VALUE)
+    py, noise_matrix, inverse_noise_matrix = kn.estimate_latent(cj, counts)
+
+    # num_label_issues(estimation_method="off_diagonal")
+    cl_issues = offdiag & ~label_is_max
+    estimated = int(cl_issues.sum())
+
+    fb = o.filter_by
+    if fb in PRUNE_METHODS:
+        pcm = kn.keep_at_least_n_per_class(np.ascontiguousarray(cj.T), o.min_examples_per_class, float(o.frac_noise))
+        if o.num_to_remove_per_class is not None:
+            ntr = np.asarray(o.num_to_remove_per_class, dtype=np.int64)
+            pcm = kn.apply_num_to_remove_per_class(pcm, ntr, counts)
+        if fb == "prune_by_noise_rate":
+            mask = kn.prune_by_noise_rate(P, order, starts, pcm, o.min_examples_per_class, prec)
+        elif fb == "prune_by_class":
+            mask = kn.prune_by_class(P, order, starts, pcm, o.min_examples_per_class)
+        else:
+            mask = kn.prune_by_class(P, order, starts, pcm, o.min_examples_per_class) & kn.prune_by_noise_rate(
+                P, order, starts, pcm, o.min_examples_per_class, prec
+            )
+        mask &= ~label_is_max
+    elif fb == "confident_learning":
+        mask = cl_issues
+    elif fb == "predicted_neq_given":
+        mask = kn.predicted_neq_given(argmax, labels) & ~label_is_max
+    else:  # low_self_confidence, low_normalized_margin: unadjusted scores, lowest first
+        method = _RANK_CODE[fb[len("low_") :]]
+        s = kn.label_quality_scores(P, labels, method, prec, False, thresholds, tprec, chunks)
+        mask = kn.smallest_scores(s, estimated)
+
+    scores = kn.label_quality_scores(
+        P, labels, _RANK_CODE[o.rank_by], prec, bool(o.adjust_pred_probs), thresholds, tprec, chunks
+    )
+    ranked = kn.rank_flagged(mask, scores)
+    return FindIssuesResult(
+        n_examples=N,
+        n_classes=K,
+        num_label_issues=int(mask.sum()),
+        is_label_issue=mask,
+        label_quality_score=scores,
+        suggested_label=argmax,
+        ranked_issue_indices=ranked,
+        noise=NoiseEstimates(
+            thresholds=thresholds,
+            confident_joint=cj,
+            joint=joint,
+            noise_matrix=noise_matrix,
+            inverse_noise_matrix=inverse_noise_matrix,
+            py=py,
+            estimated_num_label_issues=estimated,
+        ),
+    )

@@ -1,0 +1,724 @@
+"""Numba kernels for confident learning.
+
+Pure numerics: nothing here knows about HTTP, settings or validation. Callers
+(`service.core`) validate and normalise input once, so every kernel sees:
+
+- ``P``: the predicted probabilities, shape (N, K), C-contiguous, as
+  ``float64``, ``float32`` or ``uint16`` (a float16 matrix viewed as its bit
+  patterns: numba has no float16 arithmetic, so float16 values are decoded
+  through a lookup table and rounded back with :func:`_round_f16`).
+- ``labels``: ``int64``, shape (N,), every value in [0, K).
+
+Exactness. The reference package computes in the input's dtype (float32
+margins, float32 pairwise sums, ...). To return bit-identical decisions we
+compute every value in float64 and round it to the reference's working
+precision after each operation where the reference rounds (``_rnd``), and we
+reproduce numpy's pairwise summation order (``_pairwise``). Sums of at most
+two float32/float16 operands are exact in float64, so a float64 operation
+followed by one rounding equals the float32 (or float16) operation.
+
+Ties. Wherever the reference orders values with numpy's default (unstable)
+``argsort``, we order as a *stable* sort would: equal values keep index
+order. This makes results deterministic; the reference's own order for tied
+values depends on the CPU's sort implementation.
+
+Precision codes (``prec``): 64, 32 or 16 for float64, float32 and float16.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+from numba.core import types
+from numba.extending import overload
+
+PREC64, PREC32, PREC16 = 64, 32, 16
+
+# Reference constants (cleanlab.internal.constants), written out here.
+FLOATING_POINT_COMPARISON = 1e-6
+CLIPPING_LOWER_BOUND = 1e-6
+CONFIDENT_THRESHOLDS_LOWER_BOUND = 2e-6
+TINY_VALUE = 1e-100
+MISSING_CLASS_THRESHOLD = 2.0
+NOISE_RATE_MAX = 0.9999
+
+# numpy's pairwise summation: block size and the buffer size in which a
+# casting reduction (float16 summed as float32) is split.
+_PW_BLOCKSIZE = 128
+_REDUCE_BUFSIZE = 8192
+
+_F16_TO_F64 = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float64)
+
+# error_model="numpy": float division by zero gives inf/nan like numpy instead of raising.
+_JIT = dict(cache=True, nogil=True, error_model="numpy")
+
+
+def _ld(x):  # pragma: no cover - replaced by the overload inside numba
+    raise NotImplementedError
+
+
+@overload(_ld, inline="always")
+def _ld_overload(x):
+    """Load one stored probability as float64 (exact)."""
+    if isinstance(x, types.Float):
+        return lambda x: np.float64(x)
+    if isinstance(x, types.Integer) and x.bitwidth == 16 and not x.signed:
+        lut = _F16_TO_F64
+
+        def load_f16(x):
+            return lut[x]
+
+        return load_f16
+    return None
+
+
+@njit(inline="always", **_JIT)
+def _round_f16(x):
+    """Round a float64 to the nearest float16 value (ties to even), as float64."""
+    ax = abs(x)
+    if ax == 0.0 or not ax < np.inf:
+        return x
+    if ax >= 65520.0:
+        return math.copysign(np.inf, x)
+    _, e = math.frexp(ax)
+    q = 2.0**-24 if e < -13 else math.ldexp(1.0, e - 11)
+    return math.copysign(np.rint(ax / q) * q, x)
+
+
+@njit(inline="always", **_JIT)
+def _rnd(x, prec):
+    """Round a float64 result to the working precision ``prec``.
+
+    float16 goes through float32 first, as numpy's float16 loops compute in
+    float32 and round the result to float16.
+    """
+    if prec == PREC64:
+        return x
+    y = np.float64(np.float32(x))
+    if prec == PREC32:
+        return y
+    return _round_f16(y)
+
+
+@njit(**_JIT)
+def _pairwise(a, lo, n, prec):
+    """numpy's pairwise sum of ``a[lo:lo+n]`` with accumulators of precision ``prec``."""
+    if n < 8:
+        res = 0.0
+        for i in range(lo, lo + n):
+            res = _rnd(res + a[i], prec)
+        return res
+    if n <= _PW_BLOCKSIZE:
+        r0, r1, r2, r3 = a[lo], a[lo + 1], a[lo + 2], a[lo + 3]
+        r4, r5, r6, r7 = a[lo + 4], a[lo + 5], a[lo + 6], a[lo + 7]
+        i = 8
+        end = n - n % 8
+        while i < end:
+            b = lo + i
+            r0 = _rnd(r0 + a[b], prec)
+            r1 = _rnd(r1 + a[b + 1], prec)
+            r2 = _rnd(r2 + a[b + 2], prec)
+            r3 = _rnd(r3 + a[b + 3], prec)
+            r4 = _rnd(r4 + a[b + 4], prec)
+            r5 = _rnd(r5 + a[b + 5], prec)
+            r6 = _rnd(r6 + a[b + 6], prec)
+            r7 = _rnd(r7 + a[b + 7], prec)
+            i += 8
+        res = _rnd(
+            _rnd(_rnd(r0 + r1, prec) + _rnd(r2 + r3, prec), prec)
+            + _rnd(_rnd(r4 + r5, prec) + _rnd(r6 + r7, prec), prec),
+            prec,
+        )
+        while i < n:
+            res = _rnd(res + a[lo + i], prec)
+            i += 1
+        return res
+    n2 = n // 2
+    n2 -= n2 % 8
+    return _rnd(_pairwise(a, lo, n2, prec) + _pairwise(a, lo + n2, n - n2, prec), prec)
+
+
+@njit(**_JIT)
+def _sum_like_numpy(a, prec, chunked):
+    """``np.sum`` of a contiguous 1-D array: pairwise, and split in buffer-sized
+    chunks added one after another when numpy casts while reducing (float16
+    summed in float32)."""
+    n = a.shape[0]
+    if not chunked or n <= _REDUCE_BUFSIZE:
+        return _pairwise(a, 0, n, prec)
+    acc = 0.0
+    for lo in range(0, n, _REDUCE_BUFSIZE):
+        acc = _rnd(acc + _pairwise(a, lo, min(_REDUCE_BUFSIZE, n - lo), prec), prec)
+    return acc
+
+
+@njit(**_JIT)
+def _select_smallest(keys, m):
+    """Mask of the ``m`` smallest ``keys``; equal keys are taken in position
+    order (what a stable argsort followed by ``[:m]`` selects). O(n)."""
+    n = keys.shape[0]
+    out = np.zeros(n, np.bool_)
+    if m <= 0:
+        return out
+    if m >= n:
+        out[:] = True
+        return out
+    cut = np.partition(keys, m - 1)[m - 1]
+    below = 0
+    for i in range(n):
+        if keys[i] < cut:
+            out[i] = True
+            below += 1
+    room = m - below
+    for i in range(n):
+        if room == 0:
+            break
+        if keys[i] == cut:
+            out[i] = True
+            room -= 1
+    return out
+
+
+# --------------------------------------------------------------------------
+# Class index, thresholds
+# --------------------------------------------------------------------------
+
+
+@njit(**_JIT)
+def class_index(labels, K):
+    """Group example indices by given label.
+
+    Returns ``(counts, starts, order)``: ``order[starts[k]:starts[k+1]]`` are
+    the indices labeled ``k`` in ascending order. Shapes (K,), (K+1,), (N,).
+    """
+    N = labels.shape[0]
+    counts = np.zeros(K, np.int64)
+    for i in range(N):
+        counts[labels[i]] += 1
+    starts = np.zeros(K + 1, np.int64)
+    for k in range(K):
+        starts[k + 1] = starts[k] + counts[k]
+    fill = starts[:K].copy()
+    order = np.empty(N, np.int64)
+    for i in range(N):
+        k = labels[i]
+        order[fill[k]] = i
+        fill[k] += 1
+    return counts, starts, order
+
+
+@njit(parallel=True, **_JIT)
+def class_means(P, order, starts, prec):
+    """Mean of ``P[labels == k, k]`` per class, as ``np.mean`` computes it.
+
+    float64: float64 pairwise sum. float32: float32 pairwise sum, then the
+    division rounded to float32. float16: float32 pairwise sum in chunks of
+    numpy's buffer size, the division rounded to float16. Classes with no
+    examples get NaN (callers substitute the reference's value).
+    """
+    K = starts.shape[0] - 1
+    out = np.full(K, np.nan)
+    acc_prec = PREC64 if prec == PREC64 else PREC32
+    for k in prange(K):
+        n = starts[k + 1] - starts[k]
+        if n == 0:
+            continue
+        vals = np.empty(n, np.float64)
+        for t in range(n):
+            vals[t] = _ld(P[order[starts[k] + t], k])
+        s = _sum_like_numpy(vals, acc_prec, prec == PREC16)
+        if prec == PREC16:
+            out[k] = _round_f16(s / n)
+        else:
+            out[k] = _rnd(s / n, prec)
+    return out
+
+
+# --------------------------------------------------------------------------
+# One pass over the rows: argmax, confident guess, "given label is the max"
+# --------------------------------------------------------------------------
+
+
+@njit(parallel=True, **_JIT)
+def row_pass(P, labels, tcmp, prec, n_chunks):
+    """Per-row facts and the (uncalibrated) confident joint, in one pass.
+
+    ``tcmp[k]`` is the comparison value ``thresholds[k] - 1e-6`` as the
+    reference computes it. A row is *confident* for class j when
+    ``P[i, j] >= tcmp[j]``; its true-label guess is the row argmax when it is
+    confident for several classes, else the one class.
+
+    Returns:
+        argmax: int64 (N,), first index of the row maximum.
+        offdiag: bool (N,), confident and guess != given label.
+        label_is_max: bool (N,), the given label is the argmax once
+            ``1e-6`` (in the input's precision) is added to it.
+        cj: int64 (K, K), rows given label, columns guess; diagonal not yet
+            clipped.
+    """
+    N, K = P.shape
+    argmax = np.empty(N, np.int64)
+    offdiag = np.zeros(N, np.bool_)
+    label_is_max = np.zeros(N, np.bool_)
+    counts = np.zeros((n_chunks, K, K), np.int64)
+    eps = _rnd(FLOATING_POINT_COMPARISON, prec)
+    size = (N + n_chunks - 1) // n_chunks
+    for c in prange(n_chunks):
+        for i in range(c * size, min(N, (c + 1) * size)):
+            y = labels[i]
+            best = _ld(P[i, 0])
+            bj = 0
+            nconf = 0
+            first = -1
+            for j in range(K):
+                v = _ld(P[i, j])
+                if v > best:
+                    best = v
+                    bj = j
+                if v >= tcmp[j]:
+                    nconf += 1
+                    if first < 0:
+                        first = j
+            argmax[i] = bj
+            if nconf > 0:
+                g = bj if nconf > 1 else first
+                counts[c, y, g] += 1
+                offdiag[i] = g != y
+            lifted = _rnd(_ld(P[i, y]) + eps, prec)
+            ok = True
+            for j in range(K):
+                if j == y:
+                    continue
+                v = _ld(P[i, j])
+                if v > lifted or (v == lifted and j < y):
+                    ok = False
+                    break
+            label_is_max[i] = ok
+    cj = np.zeros((K, K), np.int64)
+    for c in range(n_chunks):
+        cj += counts[c]
+    return argmax, offdiag, label_is_max, cj
+
+
+# --------------------------------------------------------------------------
+# K x K algebra: calibration, rounding, noise matrices
+# --------------------------------------------------------------------------
+
+
+@njit(**_JIT)
+def _row_sums(M):
+    K = M.shape[0]
+    out = np.empty(K, np.float64)
+    for i in range(K):
+        out[i] = _pairwise(M[i], 0, M.shape[1], PREC64)
+    return out
+
+
+@njit(**_JIT)
+def _col_sums(M):
+    """``M.sum(axis=0)``: numpy adds rows one after another."""
+    out = np.zeros(M.shape[1], np.float64)
+    for i in range(M.shape[0]):
+        for j in range(M.shape[1]):
+            out[j] = out[j] + M[i, j]
+    return out
+
+
+@njit(**_JIT)
+def _total(M):
+    return _pairwise(M.ravel(), 0, M.size, PREC64)
+
+
+@njit(**_JIT)
+def round_preserving_sum(floats):
+    """Round to integers keeping the (rounded) total: largest remainders get
+    the increments, smallest the decrements; ties as a stable sort orders them."""
+    n = floats.shape[0]
+    ints = np.rint(floats)
+    orig_sum = np.rint(_pairwise(floats, 0, n, PREC64))
+    int_sum = np.rint(_pairwise(ints, 0, n, PREC64))
+    while abs(int_sum - orig_sum) > FLOATING_POINT_COMPARISON:
+        diff = np.rint(orig_sum - int_sum)
+        increment = -1 if diff < 0.0 else 1
+        changes = min(int(abs(diff)), n)
+        order = np.argsort(floats - ints, kind="mergesort")
+        for t in range(changes):
+            i = order[n - 1 - t] if increment == 1 else order[t]
+            ints[i] += increment
+        int_sum = np.rint(_pairwise(ints, 0, n, PREC64))
+    out = np.empty(n, np.int64)
+    for i in range(n):
+        # numpy's float -> int cast turns NaN and inf into INT64_MIN on x86; a
+        # NaN total (see apply_num_to_remove_per_class) skips the loop above.
+        out[i] = np.int64(ints[i]) if np.isfinite(ints[i]) else np.iinfo(np.int64).min
+    return out
+
+
+@njit(**_JIT)
+def round_preserving_row_totals(M):
+    out = np.empty(M.shape, np.int64)
+    for i in range(M.shape[0]):
+        out[i] = round_preserving_sum(M[i].copy())
+    return out
+
+
+@njit(**_JIT)
+def calibrate_confident_joint(cj, label_counts):
+    """Scale rows of the confident joint to the label counts, then the total
+    to N; round to integers keeping row totals. (K, K) int64 -> int64."""
+    K = cj.shape[0]
+    cjf = cj.astype(np.float64)
+    rows = _row_sums(cjf)
+    cal = np.empty((K, K), np.float64)
+    for i in range(K):
+        d = max(rows[i], TINY_VALUE)
+        for j in range(K):
+            cal[i, j] = cjf[i, j] / d * label_counts[i]
+    total = max(_total(cal), TINY_VALUE)
+    n = float(label_counts.sum())
+    for i in range(K):
+        for j in range(K):
+            cal[i, j] = cal[i, j] / total * n
+    return round_preserving_row_totals(cal)
+
+
+@njit(**_JIT)
+def _clip_noise_rates(M):
+    """Clip off-diagonal entries to [0, 0.9999], keep the diagonal, then
+    normalise columns to sum to one."""
+    K = M.shape[0]
+    out = np.empty((K, K), np.float64)
+    for i in range(K):
+        for j in range(K):
+            if i == j:
+                out[i, j] = M[i, j]
+            else:
+                out[i, j] = min(max(M[i, j], 0.0), NOISE_RATE_MAX)
+    cols = _col_sums(out)
+    for j in range(K):
+        cols[j] = max(cols[j], TINY_VALUE)
+    for i in range(K):
+        for j in range(K):
+            out[i, j] = out[i, j] / cols[j]
+    return out
+
+
+@njit(**_JIT)
+def _clip_values(x, low, high, new_sum):
+    K = x.shape[0]
+    y = np.empty(K, np.float64)
+    for k in range(K):
+        y[k] = min(max(x[k], low), high)
+    s = max(_pairwise(y, 0, K, PREC64), TINY_VALUE)
+    for k in range(K):
+        y[k] = y[k] * new_sum / s
+    return y
+
+
+@njit(**_JIT)
+def _py_cnt(ps, nm, inm):
+    K = ps.shape[0]
+    py = np.empty(K, np.float64)
+    for k in range(K):
+        py[k] = inm[k, k] / max(nm[k, k], TINY_VALUE) * ps[k]
+    return _clip_values(py, CLIPPING_LOWER_BOUND, 1.0, 1.0)
+
+
+@njit(**_JIT)
+def estimate_latent(cj, label_counts):
+    """Class priors ``py``, noise matrix P(given | true) and inverse noise
+    matrix P(true | given) from a (calibrated) confident joint, with the
+    reference's default convergence (3 x 5 iterations, ``py_method='cnt'``).
+    """
+    K = cj.shape[0]
+    N = float(label_counts.sum())
+    ps = label_counts / N
+    cjf = cj.astype(np.float64)
+    given_counts = _row_sums(cjf)
+    true_counts = _col_sums(cjf)
+    nm = np.empty((K, K), np.float64)
+    inm = np.empty((K, K), np.float64)
+    for i in range(K):
+        for j in range(K):
+            nm[i, j] = cjf[i, j] / max(true_counts[j], TINY_VALUE)
+            inm[i, j] = cjf[j, i] / max(given_counts[j], TINY_VALUE)
+    py = _py_cnt(ps, nm, inm)
+    nm = _clip_noise_rates(nm)
+    inm = _clip_noise_rates(inm)
+    for _ in range(3):
+        for _ in range(5):
+            tmp = np.empty((K, K), np.float64)
+            for i in range(K):
+                for j in range(K):
+                    # joint[j, i] = nm[j, i] * py[i];  inverse[i, j] = joint[j, i] / ps[j]
+                    tmp[i, j] = nm[j, i] * py[i] / max(ps[j], TINY_VALUE)
+            inm = _clip_noise_rates(tmp)
+            py = _py_cnt(ps, nm, inm)
+        tmp = np.empty((K, K), np.float64)
+        for i in range(K):
+            for j in range(K):
+                # joint[i, j] = inverse[j, i] * ps[i];  noise[i, j] = joint[i, j] / py[j]
+                tmp[i, j] = inm[j, i] * ps[i] / max(py[j], TINY_VALUE)
+        nm = _clip_noise_rates(tmp)
+    py = _clip_values(py, 1e-5, 1.0, 1.0)
+    nm = _clip_noise_rates(nm)
+    inm = _clip_noise_rates(inm)
+    return py, nm, inm
+
+
+@njit(**_JIT)
+def keep_at_least_n_per_class(pcm, n, frac_noise):
+    """The number of examples to prune per cell (transposed confident joint:
+    rows true label, columns given label), keeping at least ``n`` per class on
+    the diagonal and scaling the noise by ``frac_noise``."""
+    K = pcm.shape[0]
+    diag = np.empty(K, np.int64)
+    new_diag = np.empty(K, np.int64)
+    per_col = np.empty(K, np.float64)
+    for j in range(K):
+        diag[j] = pcm[j, j]
+        new_diag[j] = max(pcm[j, j], n)
+        nz = 0
+        for i in range(K):
+            if pcm[i, j] != 0:
+                nz += 1
+        per_col[j] = max(nz - 1.0, 1.0)
+    m = np.empty((K, K), np.float64)
+    for i in range(K):
+        for j in range(K):
+            v = pcm[i, j] - (new_diag[j] - diag[j]) / per_col[j]
+            m[i, j] = 0.0 if v < 0 else v
+    for j in range(K):
+        m[j, j] = new_diag[j]
+    # Reduce off-diagonal counts by frac_noise; the diagonal takes up the rest.
+    red = m * frac_noise
+    for j in range(K):
+        red[j, j] = m[j, j]
+    lost = _col_sums(m - red)
+    for j in range(K):
+        red[j, j] = m[j, j] + lost[j]
+    out = np.empty((K, K), np.int64)
+    for i in range(K):
+        for j in range(K):
+            out[i, j] = np.int64(red[i, j])  # truncation, as astype(int)
+    return out
+
+
+@njit(**_JIT)
+def apply_num_to_remove_per_class(pcm, num_to_remove, label_counts):
+    """Rescale the prune counts so that ``num_to_remove[k]`` examples are
+    removed from class k.
+
+    Where the scaling is undefined (0/0 for a class with no estimated noise)
+    the reference computes NaN, and the NaN becomes INT64_MIN when cast: that
+    cell prunes nothing. We reproduce that, so such a cell prunes nothing."""
+    K = pcm.shape[0]
+    rows = _row_sums(pcm.astype(np.float64))
+    psy = np.empty((K, K), np.float64)
+    for i in range(K):
+        for j in range(K):
+            psy[i, j] = pcm[i, j] / rows[j]
+    noise = _row_sums(psy)
+    for i in range(K):
+        noise[i] = noise[i] - psy[i, i]
+    tmp = np.empty((K, K), np.float64)
+    for i in range(K):
+        for j in range(K):
+            tmp[i, j] = psy[i, j] * num_to_remove[i] / noise[i]
+    for i in range(K):
+        tmp[i, i] = label_counts[i] - num_to_remove[i]
+    return round_preserving_row_totals(tmp)
+
+
+# --------------------------------------------------------------------------
+# Filters
+# --------------------------------------------------------------------------
+
+
+@njit(parallel=True, **_JIT)
+def prune_by_noise_rate(P, order, starts, pcm, min_examples_per_class, prec):
+    """For each given class k and true class j != k, flag the ``pcm[j, k]``
+    examples labeled k with the largest margin ``P[:, j] - P[:, k]`` (in the
+    input's precision; equal margins in index order)."""
+    K = starts.shape[0] - 1
+    N = order.shape[0]
+    mask = np.zeros(N, np.bool_)
+    for k in prange(K):
+        lo = starts[k]
+        n = starts[k + 1] - lo
+        # The reference skips small classes, and never applies a class mask of length one.
+        if n <= min_examples_per_class or n <= 1:
+            continue
+        keys = np.empty(n, np.float64)
+        for j in range(K):
+            m = pcm[j, k]
+            if j == k or m <= 0:
+                continue
+            for t in range(n):
+                i = order[lo + t]
+                keys[t] = -_rnd(_ld(P[i, j]) - _ld(P[i, k]), prec)
+            sel = _select_smallest(keys, m)
+            for t in range(n):
+                if sel[t]:
+                    mask[order[lo + t]] = True
+    return mask
+
+
+@njit(parallel=True, **_JIT)
+def prune_by_class(P, order, starts, pcm, min_examples_per_class):
+    """For each class k, flag the ``n_k - pcm[k, k]`` examples labeled k with
+    the smallest ``P[:, k]`` (equal values in index order)."""
+    K = starts.shape[0] - 1
+    N = order.shape[0]
+    mask = np.zeros(N, np.bool_)
+    for k in prange(K):
+        lo = starts[k]
+        n = starts[k + 1] - lo
+        if n <= min_examples_per_class or n <= 1:
+            continue
+        m = n - pcm[k, k]
+        if m < 1:
+            continue
+        keys = np.empty(n, np.float64)
+        for t in range(n):
+            keys[t] = _ld(P[order[lo + t], k])
+        sel = _select_smallest(keys, m)
+        for t in range(n):
+            if sel[t]:
+                mask[order[lo + t]] = True
+    return mask
+
+
+@njit(**_JIT)
+def smallest_scores(scores, m):
+    """Mask of the ``m`` lowest scores, equal scores in index order."""
+    return _select_smallest(scores, m)
+
+
+@njit(**_JIT)
+def rank_flagged(mask, scores):
+    """Indices of flagged examples, lowest score first (stable)."""
+    idx = np.nonzero(mask)[0]
+    s = np.empty(idx.shape[0], np.float64)
+    for t in range(idx.shape[0]):
+        s[t] = scores[idx[t]]
+    return idx[np.argsort(s, kind="mergesort")]
+
+
+# --------------------------------------------------------------------------
+# Label quality scores
+# --------------------------------------------------------------------------
+
+SELF_CONFIDENCE, NORMALIZED_MARGIN, CONFIDENCE_WEIGHTED_ENTROPY = 0, 1, 2
+
+
+@njit(parallel=True, **_JIT)
+def label_quality_scores(P, labels, method, prec, adjust, thresholds, tprec, n_chunks):
+    """Label quality score per example, float64 (N,).
+
+    ``method``: SELF_CONFIDENCE, NORMALIZED_MARGIN or
+    CONFIDENCE_WEIGHTED_ENTROPY. With ``adjust``, each row is first replaced
+    by ``(p - t + max(t)) / sum(...)`` computed in the thresholds' precision
+    ``tprec`` (the reference's ``adjust_pred_probs``).
+    """
+    N, K = P.shape
+    out = np.empty(N, np.float64)
+    wprec = tprec if adjust else prec
+    tmax = thresholds.max()
+    log_k = math.log(K)
+    # float16 row sums accumulate in float32 and are rounded to float16 at the end.
+    acc_prec = PREC32 if wprec == PREC16 else wprec
+    size = (N + n_chunks - 1) // n_chunks
+    for c in prange(n_chunks):
+        row = np.empty(K, np.float64)
+        for i in range(c * size, min(N, (c + 1) * size)):
+            y = labels[i]
+            for j in range(K):
+                row[j] = _ld(P[i, j])
+            if adjust:
+                for j in range(K):
+                    row[j] = _rnd(_rnd(row[j] - thresholds[j], wprec) + tmax, wprec)
+                s = _rnd(_pairwise(row, 0, K, acc_prec), wprec)
+                for j in range(K):
+                    row[j] = _rnd(row[j] / s, wprec)
+            sc = row[y]
+            if method == SELF_CONFIDENCE:
+                out[i] = sc
+            elif method == NORMALIZED_MARGIN:
+                other = -np.inf
+                for j in range(K):
+                    if j != y and row[j] > other:
+                        other = row[j]
+                out[i] = _rnd(_rnd(_rnd(sc - other, wprec) + 1.0, wprec) / 2.0, wprec)
+            else:
+                # Entropy terms are float32 for float16 input (scipy's xlogy loop).
+                eprec = PREC32 if wprec == PREC16 else wprec
+                for j in range(K):
+                    v = row[j]
+                    row[j] = _rnd(v * math.log(v), eprec) if v > 0.0 else 0.0
+                ent = -_pairwise(row, 0, K, eprec) / log_k
+                sc_c = max(sc, _rnd(CLIPPING_LOWER_BOUND, wprec))
+                q = ent / sc_c
+                out[i] = math.log(q + 1.0) / max(q, CLIPPING_LOWER_BOUND)
+    return out
+
+
+@njit(parallel=True, **_JIT)
+def predicted_neq_given(argmax, labels):
+    N = labels.shape[0]
+    out = np.empty(N, np.bool_)
+    for i in prange(N):
+        out[i] = argmax[i] != labels[i]
+    return out
+
+
+# --------------------------------------------------------------------------
+# Input checks (one parallel pass; the caller turns codes into messages)
+# --------------------------------------------------------------------------
+
+CHECK_OK, CHECK_NOT_FINITE, CHECK_NEGATIVE, CHECK_ABOVE_ONE, CHECK_ROW_SUM = 0, 1, 2, 3, 4
+
+
+@njit(parallel=True, **_JIT)
+def check_probs(P, tolerance, n_chunks):
+    """First problem in ``P`` as ``(code, row, col, value)``; code CHECK_OK if none.
+
+    Values must be finite and in [0, 1 + tolerance]; each row must sum to 1
+    within ``tolerance``. For CHECK_ROW_SUM, ``value`` is the row's sum and
+    ``col`` is -1.
+    """
+    N, K = P.shape
+    size = (N + n_chunks - 1) // n_chunks
+    codes = np.zeros(n_chunks, np.int64)
+    rows = np.zeros(n_chunks, np.int64)
+    cols = np.zeros(n_chunks, np.int64)
+    vals = np.zeros(n_chunks, np.float64)
+    for c in prange(n_chunks):
+        for i in range(c * size, min(N, (c + 1) * size)):
+            s = 0.0
+            code = CHECK_OK
+            col = -1
+            bad = 0.0
+            for j in range(K):
+                v = _ld(P[i, j])
+                if not np.isfinite(v):
+                    code, col, bad = CHECK_NOT_FINITE, j, v
+                    break
+                if v < 0.0:
+                    code, col, bad = CHECK_NEGATIVE, j, v
+                    break
+                if v > 1.0 + tolerance:
+                    code, col, bad = CHECK_ABOVE_ONE, j, v
+                    break
+                s += v
+            if code == CHECK_OK and abs(s - 1.0) > tolerance:
+                code, bad = CHECK_ROW_SUM, s
+            if code != CHECK_OK:
+                codes[c], rows[c], cols[c], vals[c] = code, i, col, bad
+                break
+    for c in range(n_chunks):
+        if codes[c] != CHECK_OK:
+            return codes[c], rows[c], cols[c], vals[c]
+    return CHECK_OK, -1, -1, 0.0
