@@ -102,42 +102,79 @@ def _rnd(x, prec):
     return _round_f16(y)
 
 
-@njit(**_JIT)
-def _pairwise(a, lo, n, prec):
-    """numpy's pairwise sum of ``a[lo:lo+n]`` with accumulators of precision ``prec``."""
+@njit(inline="always", **_JIT)
+def _pairwise_block(a, lo, n, prec):
+    """numpy's pairwise-sum leaf (n <= 128): eight accumulators, then the rest."""
     if n < 8:
         res = 0.0
         for i in range(lo, lo + n):
             res = _rnd(res + a[i], prec)
         return res
+    r0, r1, r2, r3 = a[lo], a[lo + 1], a[lo + 2], a[lo + 3]
+    r4, r5, r6, r7 = a[lo + 4], a[lo + 5], a[lo + 6], a[lo + 7]
+    i = 8
+    end = n - n % 8
+    while i < end:
+        b = lo + i
+        r0 = _rnd(r0 + a[b], prec)
+        r1 = _rnd(r1 + a[b + 1], prec)
+        r2 = _rnd(r2 + a[b + 2], prec)
+        r3 = _rnd(r3 + a[b + 3], prec)
+        r4 = _rnd(r4 + a[b + 4], prec)
+        r5 = _rnd(r5 + a[b + 5], prec)
+        r6 = _rnd(r6 + a[b + 6], prec)
+        r7 = _rnd(r7 + a[b + 7], prec)
+        i += 8
+    res = _rnd(
+        _rnd(_rnd(r0 + r1, prec) + _rnd(r2 + r3, prec), prec) + _rnd(_rnd(r4 + r5, prec) + _rnd(r6 + r7, prec), prec),
+        prec,
+    )
+    while i < n:
+        res = _rnd(res + a[lo + i], prec)
+        i += 1
+    return res
+
+
+@njit(**_JIT)
+def _pairwise(a, lo, n, prec):
+    """numpy's pairwise sum of ``a[lo:lo+n]`` with accumulators of precision ``prec``.
+
+    numpy recurses: a block of more than 128 is split at ``n//2`` rounded down
+    to a multiple of 8 and the two halves' sums are added. We walk the same
+    tree with an explicit stack (numba's cache does not load recursive
+    functions reliably).
+    """
     if n <= _PW_BLOCKSIZE:
-        r0, r1, r2, r3 = a[lo], a[lo + 1], a[lo + 2], a[lo + 3]
-        r4, r5, r6, r7 = a[lo + 4], a[lo + 5], a[lo + 6], a[lo + 7]
-        i = 8
-        end = n - n % 8
-        while i < end:
-            b = lo + i
-            r0 = _rnd(r0 + a[b], prec)
-            r1 = _rnd(r1 + a[b + 1], prec)
-            r2 = _rnd(r2 + a[b + 2], prec)
-            r3 = _rnd(r3 + a[b + 3], prec)
-            r4 = _rnd(r4 + a[b + 4], prec)
-            r5 = _rnd(r5 + a[b + 5], prec)
-            r6 = _rnd(r6 + a[b + 6], prec)
-            r7 = _rnd(r7 + a[b + 7], prec)
-            i += 8
-        res = _rnd(
-            _rnd(_rnd(r0 + r1, prec) + _rnd(r2 + r3, prec), prec)
-            + _rnd(_rnd(r4 + r5, prec) + _rnd(r6 + r7, prec), prec),
-            prec,
-        )
-        while i < n:
-            res = _rnd(res + a[lo + i], prec)
-            i += 1
-        return res
-    n2 = n // 2
-    n2 -= n2 % 8
-    return _rnd(_pairwise(a, lo, n2, prec) + _pairwise(a, lo + n2, n - n2, prec), prec)
+        return _pairwise_block(a, lo, n, prec)
+    s_lo = np.empty(64, np.int64)
+    s_n = np.empty(64, np.int64)
+    s_state = np.empty(64, np.int64)
+    s_left = np.empty(64, np.float64)
+    s_lo[0], s_n[0], s_state[0] = lo, n, 0
+    sp = 1
+    ret = 0.0
+    while sp > 0:
+        t = sp - 1
+        nt = s_n[t]
+        if nt <= _PW_BLOCKSIZE:
+            ret = _pairwise_block(a, s_lo[t], nt, prec)
+            sp -= 1
+            continue
+        n2 = nt // 2
+        n2 -= n2 % 8
+        if s_state[t] == 0:
+            s_state[t] = 1
+            s_lo[sp], s_n[sp], s_state[sp] = s_lo[t], n2, 0
+            sp += 1
+        elif s_state[t] == 1:
+            s_left[t] = ret
+            s_state[t] = 2
+            s_lo[sp], s_n[sp], s_state[sp] = s_lo[t] + n2, nt - n2, 0
+            sp += 1
+        else:
+            ret = _rnd(s_left[t] + ret, prec)
+            sp -= 1
+    return ret
 
 
 @njit(**_JIT)
@@ -327,8 +364,22 @@ def _col_sums(M):
 
 
 @njit(**_JIT)
-def _total(M):
-    return _pairwise(M.ravel(), 0, M.size, PREC64)
+def _col_sums_pairwise(M):
+    """``M.sum(axis=0)`` of a Fortran-ordered matrix: pairwise down each column."""
+    K = M.shape[0]
+    out = np.empty(M.shape[1], np.float64)
+    col = np.empty(K, np.float64)
+    for j in range(M.shape[1]):
+        for i in range(K):
+            col[i] = M[i, j]
+        out[j] = _pairwise(col, 0, K, PREC64)
+    return out
+
+
+@njit(**_JIT)
+def _total_column_major(M):
+    """``np.sum(M)`` of a Fortran-ordered matrix: pairwise in memory order."""
+    return _pairwise(M.T.copy().ravel(), 0, M.size, PREC64)
 
 
 @njit(**_JIT)
@@ -376,7 +427,9 @@ def calibrate_confident_joint(cj, label_counts):
         d = max(rows[i], TINY_VALUE)
         for j in range(K):
             cal[i, j] = cjf[i, j] / d * label_counts[i]
-    total = max(_total(cal), TINY_VALUE)
+    # The reference builds this matrix as a transpose (Fortran order), and
+    # numpy sums it in memory order.
+    total = max(_total_column_major(cal), TINY_VALUE)
     n = float(label_counts.sum())
     for i in range(K):
         for j in range(K):
@@ -496,7 +549,7 @@ def keep_at_least_n_per_class(pcm, n, frac_noise):
     red = m * frac_noise
     for j in range(K):
         red[j, j] = m[j, j]
-    lost = _col_sums(m - red)
+    lost = _col_sums_pairwise(m - red)  # the reference's matrix is a transpose (Fortran order)
     for j in range(K):
         red[j, j] = m[j, j] + lost[j]
     out = np.empty((K, K), np.int64)
@@ -653,11 +706,17 @@ def label_quality_scores(P, labels, method, prec, adjust, thresholds, tprec, n_c
                         other = row[j]
                 out[i] = _rnd(_rnd(_rnd(sc - other, wprec) + 1.0, wprec) / 2.0, wprec)
             else:
-                # Entropy terms are float32 for float16 input (scipy's xlogy loop).
-                eprec = PREC32 if wprec == PREC16 else wprec
+                # scipy's xlogy has no float16 loop: float16 input gives float64 terms.
+                eprec = PREC64 if wprec == PREC16 else wprec
                 for j in range(K):
                     v = row[j]
-                    row[j] = _rnd(v * math.log(v), eprec) if v > 0.0 else 0.0
+                    if v == 0.0:
+                        row[j] = 0.0
+                    elif eprec == PREC32:  # scipy's float32 loop: float32 log, float32 product
+                        v32 = np.float32(v)
+                        row[j] = np.float64(v32 * math.log(v32))
+                    else:
+                        row[j] = v * math.log(v)
                 ent = -_pairwise(row, 0, K, eprec) / log_k
                 sc_c = max(sc, _rnd(CLIPPING_LOWER_BOUND, wprec))
                 q = ent / sc_c
