@@ -120,6 +120,7 @@ def test_matches_untouched_reference_where_ties_do_not_matter(spec: datasets.Spe
         if np.array_equal(r_stable, r_plain):
             np.testing.assert_array_equal(ours.ranked_issue_indices, r_plain)
         compared += 1
-    # Continuous random data rarely ties: most methods must have been compared.
-    if not (spec.quantize or spec.certain_frac or spec.uniform_frac):
+    # Continuous float32/64 data rarely ties: most methods must have been compared.
+    # (float16 has only 2^10 values per octave, so its ties are common.)
+    if spec.dtype != "float16" and not (spec.quantize or spec.certain_frac or spec.uniform_frac):
         assert compared >= 5

@@ -1,0 +1,306 @@
+"""The HTTP layer: a thin litestar app over :mod:`service.core`.
+
+``create_app(settings)`` builds the app. Handlers decode the body, call the
+in-process API in a worker thread (the kernels are CPU-bound and must not
+block the event loop), and encode the result once with orjson. Every error
+becomes an RFC 9457 problem (``application/problem+json``) naming the field.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import msgspec
+import numpy as np
+import orjson
+from litestar import Litestar, Request, Response, get, post
+from litestar.exceptions import HTTPException
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.spec import (
+    OpenAPIMediaType,
+    OpenAPIResponse,
+    Operation,
+    Reference,
+    RequestBody,
+)
+
+from service import __version__, core
+from service.errors import InputError, LabelqError, UnsupportedMediaType
+from service.schemas import FindIssuesRequest, openapi_components
+from service.settings import Settings
+
+log = logging.getLogger("labelq")
+
+JSON = "application/json"
+PROBLEM_JSON = "application/problem+json"
+
+
+# --------------------------------------------------------------------------
+# Errors -> RFC 9457 problems
+# --------------------------------------------------------------------------
+
+
+def problem(status: int, title: str, detail: str, field: str | None = None, type_: str = "about:blank") -> Response:
+    body: dict[str, Any] = {"type": type_, "title": title, "status": status, "detail": detail}
+    if field is not None:
+        body["field"] = field
+    return Response(content=orjson.dumps(body), status_code=status, media_type=PROBLEM_JSON)
+
+
+def _labelq_error(_: Request, exc: LabelqError) -> Response:
+    return problem(exc.status, exc.title, exc.detail, exc.field, exc.type)
+
+
+def _http_error(_: Request, exc: HTTPException) -> Response:
+    title = {404: "Not found", 405: "Method not allowed", 413: "Payload too large"}.get(exc.status_code, "Error")
+    field = "body" if exc.status_code == 413 else None
+    response = problem(exc.status_code, title, str(exc.detail), field)
+    if exc.headers:
+        response.headers.update(exc.headers)
+    return response
+
+
+def _unexpected_error(_: Request, exc: Exception) -> Response:
+    log.exception("unexpected error", exc_info=exc)
+    return problem(500, "Internal error", "an unexpected error occurred; it has been logged")
+
+
+# --------------------------------------------------------------------------
+# Request decoding
+# --------------------------------------------------------------------------
+
+
+class BadRequest(LabelqError):
+    status = 400
+    title = "Malformed request body"
+    type = "https://labelq.invalid/problems/malformed-body"
+
+
+def _msgspec_field(message: str) -> str | None:
+    """'... - at `$.pred_probs[3][1]`' -> 'pred_probs[3][1]'."""
+    marker = "- at `$"
+    if marker not in message:
+        return None
+    path = message.rsplit(marker, 1)[1].rstrip("`")
+    return path.lstrip(".") or None
+
+
+def decode_json_request(body: bytes) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """JSON body -> (labels int64, pred_probs float64, options)."""
+    if not body:
+        raise BadRequest("the request body is empty; send a JSON object with labels and pred_probs", "body")
+    try:
+        req = msgspec.json.decode(body, type=FindIssuesRequest)
+    except msgspec.ValidationError as exc:
+        msg = str(exc)
+        raise InputError(msg, _msgspec_field(msg)) from None
+    except msgspec.DecodeError as exc:
+        raise BadRequest(f"the body is not valid JSON: {exc}", "body") from None
+    rows = req.pred_probs
+    if not rows:
+        raise InputError("must have at least one row (N >= 1)", "pred_probs")
+    k = len(rows[0])
+    try:
+        P = np.array(rows, dtype=np.float64)
+    except ValueError:
+        P = None
+    if P is None or P.ndim != 2:
+        bad = next(i for i, r in enumerate(rows) if len(r) != k)
+        raise InputError(
+            f"rows must all have the same length: row 0 has {k} values, row {bad} has {len(rows[bad])}",
+            f"pred_probs[{bad}]",
+        )
+    try:
+        labels = np.array(req.labels, dtype=np.int64)
+    except OverflowError:
+        bad = next(i for i, v in enumerate(req.labels) if not -(2**63) <= v < 2**63)
+        raise InputError(f"labels[{bad}] = {req.labels[bad]} is not a class index", f"labels[{bad}]") from None
+    options: dict[str, Any] = {}
+    if req.options is not None:
+        options = {f: getattr(req.options, f) for f in req.options.__struct_fields__}
+        if options["num_to_remove_per_class"] is not None:
+            options["num_to_remove_per_class"] = tuple(options["num_to_remove_per_class"])
+    return labels, P, options
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+# --------------------------------------------------------------------------
+# OpenAPI documentation of the raw-body handler
+# --------------------------------------------------------------------------
+
+
+def _ref(name: str) -> Reference:
+    return Reference(ref=f"#/components/schemas/{name}")
+
+
+def _documented(request: str | None, responses: dict[int, tuple[str, str, str]]) -> type[Operation]:
+    """An Operation class that documents a request body and responses by
+    schema name (the handler reads its body itself, so litestar cannot)."""
+
+    @dataclass
+    class DocumentedOperation(Operation):
+        def __post_init__(self) -> None:
+            if request is not None:
+                self.request_body = RequestBody(
+                    required=True, content={JSON: OpenAPIMediaType(schema=_ref(request))}
+                )
+            self.responses = {
+                str(code): OpenAPIResponse(description=desc, content={media: OpenAPIMediaType(schema=_ref(name))})
+                for code, (desc, media, name) in responses.items()
+            }
+
+    return DocumentedOperation
+
+
+_PROBLEMS = {
+    400: ("Malformed body (not JSON).", PROBLEM_JSON, "Problem"),
+    413: ("Body larger than the configured limit.", PROBLEM_JSON, "Problem"),
+    415: ("Content-Type is not application/json.", PROBLEM_JSON, "Problem"),
+    422: ("Invalid data or options; `field` names the culprit.", PROBLEM_JSON, "Problem"),
+}
+
+
+# --------------------------------------------------------------------------
+# Handlers
+# --------------------------------------------------------------------------
+
+
+class State:
+    """Process-wide readiness."""
+
+    def __init__(self) -> None:
+        self.ready = threading.Event()
+
+
+def _find_issues_sync(body: bytes) -> tuple[bytes, str]:
+    t0 = time.perf_counter()
+    labels, P, options = decode_json_request(body)
+    t1 = time.perf_counter()
+    result = core.find_issues(labels, P, **options)
+    t2 = time.perf_counter()
+    out = orjson.dumps(result.to_dict(), option=orjson.OPT_SERIALIZE_NUMPY)
+    t3 = time.perf_counter()
+    timing = {"decode": t1 - t0, **result.timings, "encode": t3 - t2}
+    server_timing = ", ".join(f"{k};dur={v * 1000:.3f}" for k, v in timing.items())
+    return out, server_timing
+
+
+@post(
+    "/find-issues",
+    operation_id="findIssues",
+    summary="Find label issues",
+    description=(
+        "Flag probably mislabeled examples, score every example and estimate the label noise, "
+        "exactly as cleanlab 2.9.0 `find_label_issues` does for the same inputs and options."
+    ),
+    tags=["label issues"],
+    status_code=200,
+    operation_class=_documented(
+        "FindIssuesRequest", {200: ("Issues, scores and noise estimates.", JSON, "FindIssuesResponse"), **_PROBLEMS}
+    ),
+)
+async def find_issues(request: Request) -> Response:
+    if _media_type(request) != JSON:
+        raise UnsupportedMediaType(
+            f"Content-Type must be {JSON}; got {request.headers.get('content-type') or 'none'}", "Content-Type"
+        )
+    body = await request.body()
+    content, server_timing = await anyio.to_thread.run_sync(_find_issues_sync, body)
+    return Response(content=content, media_type=JSON, headers={"Server-Timing": server_timing})
+
+
+@get(
+    "/health/live",
+    operation_id="live",
+    summary="Liveness: the process answers",
+    tags=["health"],
+    operation_class=_documented(None, {200: ("Alive.", JSON, "Health")}),
+)
+async def live() -> Response:
+    return Response(content=b'{"status":"ok"}', media_type=JSON)
+
+
+@get(
+    "/health/ready",
+    operation_id="ready",
+    summary="Readiness: kernels compiled or loaded, ready for traffic",
+    tags=["health"],
+    operation_class=_documented(None, {200: ("Ready.", JSON, "Health"), 503: ("Not ready yet.", JSON, "Health")}),
+)
+async def ready(request: Request) -> Response:
+    state: State = request.app.state.labelq
+    if state.ready.is_set():
+        return Response(content=b'{"status":"ok"}', media_type=JSON)
+    return Response(content=b'{"status":"starting"}', media_type=JSON, status_code=503)
+
+
+# --------------------------------------------------------------------------
+# Warm-up and the app factory
+# --------------------------------------------------------------------------
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's cache) every kernel specialisation."""
+    rng = np.random.default_rng(0)
+    P = rng.dirichlet(np.ones(3), 24)
+    labels = np.arange(24) % 3
+    for dtype in (np.float64, np.float32, np.float16):
+        Pd = P.astype(dtype)
+        for fb in core.FILTER_BY:
+            core.find_issues(labels, Pd, filter_by=fb, prob_tolerance=0.01)
+        for rb in core.RANK_BY:
+            core.find_issues(labels, Pd, rank_by=rb, prob_tolerance=0.01)
+        core.find_issues(labels, Pd, adjust_pred_probs=True, prob_tolerance=0.01)
+        core.find_issues(labels, Pd, num_to_remove_per_class=(1, 1, 1), prob_tolerance=0.01)
+
+
+def create_app(settings: Settings | None = None) -> Litestar:
+    """Build the app. Settings default to the environment's (``LABELQ_*``)."""
+    settings = settings or Settings.from_env()
+    state = State()
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        def _warm() -> None:
+            t0 = time.perf_counter()
+            if settings.warmup:
+                warm_up()
+            state.ready.set()
+            log.info("ready after %.1f s of warm-up", time.perf_counter() - t0)
+
+        thread = threading.Thread(target=_warm, name="labelq-warmup", daemon=True)
+        thread.start()
+        yield
+
+    app = Litestar(
+        route_handlers=[find_issues, live, ready],
+        lifespan=[lifespan],
+        request_max_body_size=settings.max_body_bytes,
+        exception_handlers={
+            LabelqError: _labelq_error,
+            HTTPException: _http_error,
+            Exception: _unexpected_error,
+        },
+        openapi_config=OpenAPIConfig(
+            title="labelq",
+            version=__version__,
+            description="Find label errors in classification datasets with confident learning.",
+            path="/schema",
+        ),
+    )
+    # Handlers read their bodies themselves, so litestar cannot derive these
+    # schemas; register the msgspec structs' JSON schemas by name.
+    app.openapi_schema.components.schemas.update(openapi_components())  # type: ignore[union-attr,arg-type]
+    app.state.labelq = state
+    app.state.settings = settings
+    return app
