@@ -76,7 +76,9 @@ class FindIssuesRequest(msgspec.Struct, forbid_unknown_fields=True):
         list[list[float]],
         Meta(description="N rows of K probabilities (K >= 2), each row summing to 1 within `prob_tolerance`."),
     ]
-    options: FindIssuesOptions | None = None
+    options: Annotated[
+        FindIssuesOptions | None, Meta(description="Options; omit for the reference's defaults.")
+    ] = None
 
 
 class NoiseEstimates(msgspec.Struct):
@@ -109,7 +111,7 @@ class FindIssuesResponse(msgspec.Struct):
     ranked_issue_indices: Annotated[
         list[int], Meta(description="The flagged examples, lowest score first (equal scores in index order).")
     ]
-    noise: NoiseEstimates
+    noise: Annotated[NoiseEstimates, Meta(description="Dataset-level noise estimates.")]
 
 
 class Problem(msgspec.Struct, omit_defaults=True):
