@@ -209,10 +209,14 @@ def _check_labels(labels: Any, n: int, k: int) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.int64)
 
 
-def check_inputs(labels: Any, pred_probs: Any, tolerance: float) -> tuple[np.ndarray, np.ndarray, np.dtype]:
-    """Validate and normalise the data once. Returns (labels int64, P, dtype)
-    where P is C-contiguous float64/float32, or a float16 matrix viewed as
-    uint16, and dtype is the probabilities' dtype."""
+def check_inputs(labels: Any, pred_probs: Any) -> tuple[np.ndarray, np.ndarray, np.dtype]:
+    """Check shapes, dtypes and labels, and normalise the data once.
+
+    Returns (labels int64, P, dtype): P is C-contiguous float64/float32, or a
+    float16 matrix viewed as uint16; dtype is the probabilities' dtype. The
+    values themselves are checked in the first pass over them
+    (:func:`raise_for_problem`).
+    """
     if not isinstance(pred_probs, np.ndarray):
         pred_probs = np.asarray(pred_probs)
     if pred_probs.ndim != 2:
@@ -228,18 +232,22 @@ def check_inputs(labels: Any, pred_probs: Any, tolerance: float) -> tuple[np.nda
     P = np.ascontiguousarray(pred_probs)
     if P.dtype == np.float16:
         P = P.view(np.uint16)
-    code, row, col, value = kn.check_probs(P, float(tolerance), _n_chunks(n))
-    if code == kn.CHECK_NOT_FINITE:
-        raise InputError(f"pred_probs[{row}][{col}] is {value}; values must be finite", f"pred_probs[{row}][{col}]")
-    if code == kn.CHECK_NEGATIVE:
-        raise InputError(f"pred_probs[{row}][{col}] = {value} is negative", f"pred_probs[{row}][{col}]")
-    if code == kn.CHECK_ABOVE_ONE:
-        raise InputError(f"pred_probs[{row}][{col}] = {value} is greater than 1", f"pred_probs[{row}][{col}]")
-    if code == kn.CHECK_ROW_SUM:
-        raise InputError(
-            f"row {row} sums to {value:.9g}, not 1 within prob_tolerance={tolerance:g}", f"pred_probs[{row}]"
-        )
     return _check_labels(labels, n, k), P, dtype
+
+
+def raise_for_problem(problem: tuple[int, int, int, float], tolerance: float) -> None:
+    """Turn a kernel's first-problem report into an InputError naming the value."""
+    code, row, col, value = problem
+    if code == kn.CHECK_OK:
+        return
+    where = f"pred_probs[{row}][{col}]"
+    if code == kn.CHECK_NOT_FINITE:
+        raise InputError(f"{where} is {value}; values must be finite", where)
+    if code == kn.CHECK_NEGATIVE:
+        raise InputError(f"{where} = {value} is negative", where)
+    if code == kn.CHECK_ABOVE_ONE:
+        raise InputError(f"{where} = {value} is greater than 1", where)
+    raise InputError(f"row {row} sums to {value:.9g}, not 1 within prob_tolerance={tolerance:g}", f"pred_probs[{row}]")
 
 
 def _n_chunks(n: int) -> int:
@@ -251,12 +259,12 @@ def _n_chunks(n: int) -> int:
 # --------------------------------------------------------------------------
 
 
-def _thresholds(P: np.ndarray, dtype: np.dtype, counts: np.ndarray, starts: np.ndarray, order: np.ndarray):
+def _thresholds(selfconf: np.ndarray, dtype: np.dtype, counts: np.ndarray, starts: np.ndarray, order: np.ndarray):
     """Per-class thresholds as the reference builds them: an array of the
     input's dtype when every class has examples, else float64 (a missing
     class gets 2.0). Returns (thresholds as float64, their precision code,
     the comparison values ``thresholds - 1e-6`` as float64)."""
-    means = kn.class_means(P, order, starts, _PREC[dtype])
+    means = kn.class_means(selfconf, order, starts, _PREC[dtype])
     if (counts > 0).all():
         t = means.astype(dtype)
     else:
@@ -281,7 +289,7 @@ def find_issues(labels: Any, pred_probs: Any, **options: Any) -> FindIssuesResul
     """
     opts = make_options(**options)
     t0 = time.perf_counter()
-    labels_arr, P, dtype = check_inputs(labels, pred_probs, opts.prob_tolerance)
+    labels_arr, P, dtype = check_inputs(labels, pred_probs)
     t1 = time.perf_counter()
     with _KERNEL_LOCK:
         result = _compute(labels_arr, P, dtype, opts)
@@ -300,9 +308,17 @@ def _compute(labels: np.ndarray, P: np.ndarray, dtype: np.dtype, o: Options) -> 
             "options.num_to_remove_per_class",
         )
 
+    # Pass 1: validation, argmax, self-confidence, the best other class.
+    want_entropy = o.rank_by == "confidence_weighted_entropy"
+    problem, argmax, label_is_max, selfconf, other, entropy = kn.row_stats(
+        P, labels, float(o.prob_tolerance), prec, want_entropy, chunks
+    )
+    raise_for_problem(problem, float(o.prob_tolerance))
+
     counts, starts, order = kn.class_index(labels, K)
-    thresholds, tprec, tcmp = _thresholds(P, dtype, counts, starts, order)
-    argmax, offdiag, label_is_max, cj_raw = kn.row_pass(P, labels, tcmp, prec, chunks)
+    thresholds, tprec, tcmp = _thresholds(selfconf, dtype, counts, starts, order)
+    # Pass 2: the confident joint.
+    offdiag, cj_raw = kn.confident_pass(P, labels, tcmp, argmax, chunks)
     np.fill_diagonal(cj_raw, np.maximum(np.diagonal(cj_raw), 1))
     cj = kn.calibrate_confident_joint(cj_raw, counts)
     joint = cj / max(float(cj.sum()), kn.TINY_VALUE)
@@ -312,33 +328,38 @@ def _compute(labels: np.ndarray, P: np.ndarray, dtype: np.dtype, o: Options) -> 
     cl_issues = offdiag & ~label_is_max
     estimated = int(cl_issues.sum())
 
+    def unadjusted(method: int) -> np.ndarray:
+        if method == kn.SELF_CONFIDENCE:
+            return selfconf
+        if method == kn.NORMALIZED_MARGIN:
+            return kn.normalized_margin(selfconf, other, prec)
+        return entropy
+
     fb = o.filter_by
     if fb in PRUNE_METHODS:
         pcm = kn.keep_at_least_n_per_class(np.ascontiguousarray(cj.T), o.min_examples_per_class, float(o.frac_noise))
         if o.num_to_remove_per_class is not None:
             ntr = np.asarray(o.num_to_remove_per_class, dtype=np.int64)
             pcm = kn.apply_num_to_remove_per_class(pcm, ntr, counts)
-        if fb == "prune_by_noise_rate":
-            mask = kn.prune_by_noise_rate(P, order, starts, pcm, o.min_examples_per_class, prec)
-        elif fb == "prune_by_class":
-            mask = kn.prune_by_class(P, order, starts, pcm, o.min_examples_per_class)
-        else:
-            mask = kn.prune_by_class(P, order, starts, pcm, o.min_examples_per_class) & kn.prune_by_noise_rate(
-                P, order, starts, pcm, o.min_examples_per_class, prec
-            )
+        mask = np.ones(N, np.bool_)
+        if fb in ("prune_by_class", "both"):
+            mask &= kn.prune_by_class(selfconf, order, starts, pcm, o.min_examples_per_class)
+        if fb in ("prune_by_noise_rate", "both"):
+            nonmax = other > selfconf
+            mask &= kn.prune_by_noise_rate(P, order, starts, nonmax, pcm, o.min_examples_per_class, prec)
         mask &= ~label_is_max
     elif fb == "confident_learning":
         mask = cl_issues
     elif fb == "predicted_neq_given":
         mask = kn.predicted_neq_given(argmax, labels) & ~label_is_max
     else:  # low_self_confidence, low_normalized_margin: unadjusted scores, lowest first
-        method = _RANK_CODE[fb[len("low_") :]]
-        s = kn.label_quality_scores(P, labels, method, prec, False, thresholds, tprec, chunks)
-        mask = kn.smallest_scores(s, estimated)
+        mask = kn.smallest_scores(unadjusted(_RANK_CODE[fb[len("low_") :]]), estimated)
 
-    scores = kn.label_quality_scores(
-        P, labels, _RANK_CODE[o.rank_by], prec, bool(o.adjust_pred_probs), thresholds, tprec, chunks
-    )
+    method = _RANK_CODE[o.rank_by]
+    if o.adjust_pred_probs:
+        scores = kn.adjusted_scores(P, labels, method, thresholds, tprec, chunks)
+    else:
+        scores = unadjusted(method)
     ranked = kn.rank_flagged(mask, scores)
     return FindIssuesResult(
         n_examples=N,

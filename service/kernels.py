@@ -247,10 +247,11 @@ def class_index(labels, K):
 
 
 @njit(parallel=True, **_JIT)
-def class_means(P, order, starts, prec):
-    """Mean of ``P[labels == k, k]`` per class, as ``np.mean`` computes it.
+def class_means(values, order, starts, prec):
+    """Mean of ``values[labels == k]`` per class, as ``np.mean`` computes it on
+    the gathered array (``values[i]`` is ``P[i, labels[i]]``, exact).
 
-    float64: float64 pairwise sum. float32: float32 pairwise sum, then the
+    float64: float64 pairwise sum. float32: float32 pairwise sum, the
     division rounded to float32. float16: float32 pairwise sum in chunks of
     numpy's buffer size, the division rounded to float16. Classes with no
     examples get NaN (callers substitute the reference's value).
@@ -264,7 +265,7 @@ def class_means(P, order, starts, prec):
             continue
         vals = np.empty(n, np.float64)
         for t in range(n):
-            vals[t] = _ld(P[order[starts[k] + t], k])
+            vals[t] = values[order[starts[k] + t]]
         s = _sum_like_numpy(vals, acc_prec, prec == PREC16)
         if prec == PREC16:
             out[k] = _round_f16(s / n)
@@ -274,69 +275,157 @@ def class_means(P, order, starts, prec):
 
 
 # --------------------------------------------------------------------------
-# One pass over the rows: argmax, confident guess, "given label is the max"
+# Pass 1 over the rows: validation and everything that needs no thresholds
+# --------------------------------------------------------------------------
+
+CHECK_OK, CHECK_NOT_FINITE, CHECK_NEGATIVE, CHECK_ABOVE_ONE, CHECK_ROW_SUM = 0, 1, 2, 3, 4
+
+
+@njit(inline="always", **_JIT)
+def _entropy_score(row, K, sc, prec, log_k):
+    """cleanlab's confidence-weighted entropy score of one row (``row`` is
+    overwritten). scipy's xlogy computes float32 input in float32 (float32
+    log) and float16 input in float64."""
+    eprec = PREC64 if prec == PREC16 else prec
+    for j in range(K):
+        v = row[j]
+        if v == 0.0:
+            row[j] = 0.0
+        elif eprec == PREC32:
+            v32 = np.float32(v)
+            row[j] = np.float64(v32 * math.log(v32))
+        else:
+            row[j] = v * math.log(v)
+    ent = -_pairwise(row, 0, K, eprec) / log_k
+    q = ent / max(sc, _rnd(CLIPPING_LOWER_BOUND, prec))
+    return math.log(q + 1.0) / max(q, CLIPPING_LOWER_BOUND)
+
+
+@njit(parallel=True, **_JIT)
+def row_stats(P, labels, tolerance, prec, want_entropy, n_chunks):
+    """One parallel pass: check every value and row, and collect per-row facts.
+
+    Returns ``(problem, argmax, label_is_max, selfconf, other, entropy)``:
+        problem: ``(code, row, col, value)`` of the first invalid value or row
+            (CHECK_OK if none); values must be finite and in [0, 1 + tolerance],
+            rows must sum to 1 within ``tolerance`` (``col`` -1, ``value`` the sum).
+            When a problem is found the other outputs are meaningless.
+        argmax: int64 (N,), first index of the row maximum.
+        label_is_max: bool (N,), the given label is the argmax once ``1e-6``
+            (in the input's precision) is added to it.
+        selfconf: float64 (N,), ``P[i, labels[i]]``.
+        other: float64 (N,), the largest probability of any other class.
+        entropy: float64 (N,) confidence-weighted entropy scores if
+            ``want_entropy``, else empty.
+    """
+    N, K = P.shape
+    argmax = np.empty(N, np.int64)
+    label_is_max = np.empty(N, np.bool_)
+    selfconf = np.empty(N, np.float64)
+    other = np.empty(N, np.float64)
+    entropy = np.empty(N if want_entropy else 0, np.float64)
+    codes = np.zeros(n_chunks, np.int64)
+    rows = np.zeros(n_chunks, np.int64)
+    cols = np.zeros(n_chunks, np.int64)
+    vals = np.zeros(n_chunks, np.float64)
+    eps = _rnd(FLOATING_POINT_COMPARISON, prec)
+    upper = 1.0 + tolerance
+    log_k = math.log(K)
+    size = (N + n_chunks - 1) // n_chunks
+    for c in prange(n_chunks):
+        row = np.empty(K if want_entropy else 0, np.float64)
+        for i in range(c * size, min(N, (c + 1) * size)):
+            y = labels[i]
+            s = 0.0
+            best = -1.0
+            bj = 0
+            oth = -1.0
+            oj = 0
+            code = CHECK_OK
+            for j in range(K):
+                v = _ld(P[i, j])
+                if not (v >= 0.0 and v <= upper):
+                    if not np.isfinite(v):
+                        code = CHECK_NOT_FINITE
+                    elif v < 0.0:
+                        code = CHECK_NEGATIVE
+                    else:
+                        code = CHECK_ABOVE_ONE
+                    cols[c], vals[c] = j, v
+                    break
+                s += v
+                if v > best:
+                    best = v
+                    bj = j
+                if j != y and v > oth:
+                    oth = v
+                    oj = j
+                if want_entropy:
+                    row[j] = v
+            if code == CHECK_OK and abs(s - 1.0) > tolerance:
+                code = CHECK_ROW_SUM
+                cols[c], vals[c] = -1, s
+            if code != CHECK_OK:
+                codes[c], rows[c] = code, i
+                break
+            sc = _ld(P[i, y])
+            argmax[i] = bj
+            selfconf[i] = sc
+            other[i] = oth
+            # cleanlab adds 1e-6 to the given label's probability and asks
+            # whether np.argmax (first maximum) then lands on it.
+            lifted = _rnd(sc + eps, prec)
+            label_is_max[i] = oth < lifted or (oth == lifted and oj > y)
+            if want_entropy:
+                entropy[i] = _entropy_score(row, K, sc, prec, log_k)
+    problem = (CHECK_OK, -1, -1, 0.0)
+    for c in range(n_chunks):
+        if codes[c] != CHECK_OK:
+            problem = (codes[c], rows[c], cols[c], vals[c])
+            break
+    return problem, argmax, label_is_max, selfconf, other, entropy
+
+
+# --------------------------------------------------------------------------
+# Pass 2: the confident joint (needs the thresholds)
 # --------------------------------------------------------------------------
 
 
 @njit(parallel=True, **_JIT)
-def row_pass(P, labels, tcmp, prec, n_chunks):
-    """Per-row facts and the (uncalibrated) confident joint, in one pass.
+def confident_pass(P, labels, tcmp, argmax, n_chunks):
+    """The (uncalibrated) confident joint, in one parallel pass.
 
-    ``tcmp[k]`` is the comparison value ``thresholds[k] - 1e-6`` as the
-    reference computes it. A row is *confident* for class j when
-    ``P[i, j] >= tcmp[j]``; its true-label guess is the row argmax when it is
-    confident for several classes, else the one class.
-
-    Returns:
-        argmax: int64 (N,), first index of the row maximum.
-        offdiag: bool (N,), confident and guess != given label.
-        label_is_max: bool (N,), the given label is the argmax once
-            ``1e-6`` (in the input's precision) is added to it.
-        cj: int64 (K, K), rows given label, columns guess; diagonal not yet
-            clipped.
+    ``tcmp[k]`` is ``thresholds[k] - 1e-6`` as the reference computes it. A
+    row is *confident* for class j when ``P[i, j] >= tcmp[j]``; its true-label
+    guess is the row argmax when it is confident for several classes, else the
+    one class. Returns ``(offdiag, cj)``: bool (N,) confident and guess !=
+    given label; int64 (K, K) counts, rows given label, columns guess, the
+    diagonal not yet clipped.
     """
     N, K = P.shape
-    argmax = np.empty(N, np.int64)
     offdiag = np.zeros(N, np.bool_)
-    label_is_max = np.zeros(N, np.bool_)
     counts = np.zeros((n_chunks, K, K), np.int64)
-    eps = _rnd(FLOATING_POINT_COMPARISON, prec)
     size = (N + n_chunks - 1) // n_chunks
     for c in prange(n_chunks):
         for i in range(c * size, min(N, (c + 1) * size)):
-            y = labels[i]
-            best = _ld(P[i, 0])
-            bj = 0
             nconf = 0
             first = -1
             for j in range(K):
-                v = _ld(P[i, j])
-                if v > best:
-                    best = v
-                    bj = j
-                if v >= tcmp[j]:
-                    nconf += 1
-                    if first < 0:
+                if _ld(P[i, j]) >= tcmp[j]:
+                    if nconf == 0:
                         first = j
-            argmax[i] = bj
+                    nconf += 1
+                    if nconf > 1:
+                        break
             if nconf > 0:
-                g = bj if nconf > 1 else first
+                y = labels[i]
+                g = argmax[i] if nconf > 1 else first
                 counts[c, y, g] += 1
                 offdiag[i] = g != y
-            lifted = _rnd(_ld(P[i, y]) + eps, prec)
-            ok = True
-            for j in range(K):
-                if j == y:
-                    continue
-                v = _ld(P[i, j])
-                if v > lifted or (v == lifted and j < y):
-                    ok = False
-                    break
-            label_is_max[i] = ok
     cj = np.zeros((K, K), np.int64)
     for c in range(n_chunks):
         cj += counts[c]
-    return argmax, offdiag, label_is_max, cj
+    return offdiag, cj
 
 
 # --------------------------------------------------------------------------
@@ -591,10 +680,17 @@ def apply_num_to_remove_per_class(pcm, num_to_remove, label_counts):
 
 
 @njit(parallel=True, **_JIT)
-def prune_by_noise_rate(P, order, starts, pcm, min_examples_per_class, prec):
+def prune_by_noise_rate(P, order, starts, nonmax, pcm, min_examples_per_class, prec):
     """For each given class k and true class j != k, flag the ``pcm[j, k]``
     examples labeled k with the largest margin ``P[:, j] - P[:, k]`` (in the
-    input's precision; equal margins in index order)."""
+    input's precision; equal margins in index order).
+
+    Without sorting whole classes: a positive margin needs ``P[i, j] >
+    P[i, k]``, so only rows whose label is not their maximum (``nonmax``) can
+    have one. When a cell has at least as many positive margins as rows to
+    prune, its selection lies among those rows; otherwise every row of the
+    class competes and the cell is selected from all of them.
+    """
     K = starts.shape[0] - 1
     N = order.shape[0]
     mask = np.zeros(N, np.bool_)
@@ -604,25 +700,44 @@ def prune_by_noise_rate(P, order, starts, pcm, min_examples_per_class, prec):
         # The reference skips small classes, and never applies a class mask of length one.
         if n <= min_examples_per_class or n <= 1:
             continue
+        cand = np.empty(n, np.int64)
+        nc = 0
+        for t in range(n):
+            i = order[lo + t]
+            if nonmax[i]:
+                cand[nc] = i
+                nc += 1
         keys = np.empty(n, np.float64)
+        rows = np.empty(n, np.int64)
         for j in range(K):
             m = pcm[j, k]
             if j == k or m <= 0:
                 continue
-            for t in range(n):
-                i = order[lo + t]
-                keys[t] = -_rnd(_ld(P[i, j]) - _ld(P[i, k]), prec)
-            sel = _select_smallest(keys, m)
-            for t in range(n):
+            cnt = 0
+            for t in range(nc):
+                i = cand[t]
+                d = _rnd(_ld(P[i, j]) - _ld(P[i, k]), prec)
+                if d > 0.0:
+                    keys[cnt] = -d
+                    rows[cnt] = i
+                    cnt += 1
+            if cnt < m:
+                cnt = n
+                for t in range(n):
+                    i = order[lo + t]
+                    keys[t] = -_rnd(_ld(P[i, j]) - _ld(P[i, k]), prec)
+                    rows[t] = i
+            sel = _select_smallest(keys[:cnt], m)
+            for t in range(cnt):
                 if sel[t]:
-                    mask[order[lo + t]] = True
+                    mask[rows[t]] = True
     return mask
 
 
 @njit(parallel=True, **_JIT)
-def prune_by_class(P, order, starts, pcm, min_examples_per_class):
+def prune_by_class(selfconf, order, starts, pcm, min_examples_per_class):
     """For each class k, flag the ``n_k - pcm[k, k]`` examples labeled k with
-    the smallest ``P[:, k]`` (equal values in index order)."""
+    the smallest self-confidence (equal values in index order)."""
     K = starts.shape[0] - 1
     N = order.shape[0]
     mask = np.zeros(N, np.bool_)
@@ -636,7 +751,7 @@ def prune_by_class(P, order, starts, pcm, min_examples_per_class):
             continue
         keys = np.empty(n, np.float64)
         for t in range(n):
-            keys[t] = _ld(P[order[lo + t], k])
+            keys[t] = selfconf[order[lo + t]]
         sel = _select_smallest(keys, m)
         for t in range(n):
             if sel[t]:
@@ -668,59 +783,44 @@ SELF_CONFIDENCE, NORMALIZED_MARGIN, CONFIDENCE_WEIGHTED_ENTROPY = 0, 1, 2
 
 
 @njit(parallel=True, **_JIT)
-def label_quality_scores(P, labels, method, prec, adjust, thresholds, tprec, n_chunks):
-    """Label quality score per example, float64 (N,).
+def normalized_margin(selfconf, other, prec):
+    """``(p_label - max_other + 1) / 2``, each operation in the input's precision."""
+    N = selfconf.shape[0]
+    out = np.empty(N, np.float64)
+    for i in prange(N):
+        out[i] = _rnd(_rnd(_rnd(selfconf[i] - other[i], prec) + 1.0, prec) / 2.0, prec)
+    return out
 
-    ``method``: SELF_CONFIDENCE, NORMALIZED_MARGIN or
-    CONFIDENCE_WEIGHTED_ENTROPY. With ``adjust``, each row is first replaced
-    by ``(p - t + max(t)) / sum(...)`` computed in the thresholds' precision
-    ``tprec`` (the reference's ``adjust_pred_probs``).
-    """
+
+@njit(parallel=True, **_JIT)
+def adjusted_scores(P, labels, method, thresholds, tprec, n_chunks):
+    """Scores after cleanlab's ``adjust_pred_probs``: each row replaced by
+    ``(p - t + max(t)) / sum(...)``, computed in the thresholds' precision
+    ``tprec``. ``method``: SELF_CONFIDENCE or NORMALIZED_MARGIN."""
     N, K = P.shape
     out = np.empty(N, np.float64)
-    wprec = tprec if adjust else prec
     tmax = thresholds.max()
-    log_k = math.log(K)
     # float16 row sums accumulate in float32 and are rounded to float16 at the end.
-    acc_prec = PREC32 if wprec == PREC16 else wprec
+    acc_prec = PREC32 if tprec == PREC16 else tprec
     size = (N + n_chunks - 1) // n_chunks
     for c in prange(n_chunks):
         row = np.empty(K, np.float64)
         for i in range(c * size, min(N, (c + 1) * size)):
             y = labels[i]
             for j in range(K):
-                row[j] = _ld(P[i, j])
-            if adjust:
-                for j in range(K):
-                    row[j] = _rnd(_rnd(row[j] - thresholds[j], wprec) + tmax, wprec)
-                s = _rnd(_pairwise(row, 0, K, acc_prec), wprec)
-                for j in range(K):
-                    row[j] = _rnd(row[j] / s, wprec)
-            sc = row[y]
+                row[j] = _rnd(_rnd(_ld(P[i, j]) - thresholds[j], tprec) + tmax, tprec)
+            s = _rnd(_pairwise(row, 0, K, acc_prec), tprec)
+            sc = _rnd(row[y] / s, tprec)
             if method == SELF_CONFIDENCE:
                 out[i] = sc
-            elif method == NORMALIZED_MARGIN:
+            else:
                 other = -np.inf
                 for j in range(K):
-                    if j != y and row[j] > other:
-                        other = row[j]
-                out[i] = _rnd(_rnd(_rnd(sc - other, wprec) + 1.0, wprec) / 2.0, wprec)
-            else:
-                # scipy's xlogy has no float16 loop: float16 input gives float64 terms.
-                eprec = PREC64 if wprec == PREC16 else wprec
-                for j in range(K):
-                    v = row[j]
-                    if v == 0.0:
-                        row[j] = 0.0
-                    elif eprec == PREC32:  # scipy's float32 loop: float32 log, float32 product
-                        v32 = np.float32(v)
-                        row[j] = np.float64(v32 * math.log(v32))
-                    else:
-                        row[j] = v * math.log(v)
-                ent = -_pairwise(row, 0, K, eprec) / log_k
-                sc_c = max(sc, _rnd(CLIPPING_LOWER_BOUND, wprec))
-                q = ent / sc_c
-                out[i] = math.log(q + 1.0) / max(q, CLIPPING_LOWER_BOUND)
+                    if j != y:
+                        v = _rnd(row[j] / s, tprec)
+                        if v > other:
+                            other = v
+                out[i] = _rnd(_rnd(_rnd(sc - other, tprec) + 1.0, tprec) / 2.0, tprec)
     return out
 
 
@@ -731,53 +831,3 @@ def predicted_neq_given(argmax, labels):
     for i in prange(N):
         out[i] = argmax[i] != labels[i]
     return out
-
-
-# --------------------------------------------------------------------------
-# Input checks (one parallel pass; the caller turns codes into messages)
-# --------------------------------------------------------------------------
-
-CHECK_OK, CHECK_NOT_FINITE, CHECK_NEGATIVE, CHECK_ABOVE_ONE, CHECK_ROW_SUM = 0, 1, 2, 3, 4
-
-
-@njit(parallel=True, **_JIT)
-def check_probs(P, tolerance, n_chunks):
-    """First problem in ``P`` as ``(code, row, col, value)``; code CHECK_OK if none.
-
-    Values must be finite and in [0, 1 + tolerance]; each row must sum to 1
-    within ``tolerance``. For CHECK_ROW_SUM, ``value`` is the row's sum and
-    ``col`` is -1.
-    """
-    N, K = P.shape
-    size = (N + n_chunks - 1) // n_chunks
-    codes = np.zeros(n_chunks, np.int64)
-    rows = np.zeros(n_chunks, np.int64)
-    cols = np.zeros(n_chunks, np.int64)
-    vals = np.zeros(n_chunks, np.float64)
-    for c in prange(n_chunks):
-        for i in range(c * size, min(N, (c + 1) * size)):
-            s = 0.0
-            code = CHECK_OK
-            col = -1
-            bad = 0.0
-            for j in range(K):
-                v = _ld(P[i, j])
-                if not np.isfinite(v):
-                    code, col, bad = CHECK_NOT_FINITE, j, v
-                    break
-                if v < 0.0:
-                    code, col, bad = CHECK_NEGATIVE, j, v
-                    break
-                if v > 1.0 + tolerance:
-                    code, col, bad = CHECK_ABOVE_ONE, j, v
-                    break
-                s += v
-            if code == CHECK_OK and abs(s - 1.0) > tolerance:
-                code, bad = CHECK_ROW_SUM, s
-            if code != CHECK_OK:
-                codes[c], rows[c], cols[c], vals[c] = code, i, col, bad
-                break
-    for c in range(n_chunks):
-        if codes[c] != CHECK_OK:
-            return codes[c], rows[c], cols[c], vals[c]
-    return CHECK_OK, -1, -1, 0.0
