@@ -31,14 +31,15 @@ from litestar.openapi.spec import (
     RequestBody,
 )
 
-from service import __version__, core
-from service.errors import InputError, LabelqError, UnsupportedMediaType
+from service import __version__, core, npz
+from service.errors import InputError, LabelqError, PayloadTooLarge, UnsupportedMediaType
 from service.schemas import FindIssuesRequest, openapi_components
-from service.settings import Settings
+from service.settings import Settings, available_cpus
 
 log = logging.getLogger("labelq")
 
 JSON = "application/json"
+NPZ = npz.MEDIA_TYPE
 PROBLEM_JSON = "application/problem+json"
 
 
@@ -130,6 +131,47 @@ def decode_json_request(body: bytes) -> tuple[np.ndarray, np.ndarray, dict[str, 
     return labels, P, options
 
 
+_OPTION_PARSERS: dict[str, Any] = {
+    "filter_by": str,
+    "rank_by": str,
+    "frac_noise": float,
+    "num_to_remove_per_class": lambda v: tuple(int(x) for x in v.split(",")) if v.strip() else (),
+    "min_examples_per_class": int,
+    "adjust_pred_probs": lambda v: {"true": True, "1": True, "false": False, "0": False}[v.strip().lower()],
+    "prob_tolerance": float,
+}
+
+
+def options_from_query(params: list[tuple[str, str]]) -> dict[str, Any]:
+    """Options given as query parameters (with a binary body): same names as
+    the JSON ``options``; ``num_to_remove_per_class`` comma-separated."""
+    options: dict[str, Any] = {}
+    for name, raw in params:
+        if name not in _OPTION_PARSERS:
+            raise InputError(f"unknown option {name!r}; known: {', '.join(_OPTION_PARSERS)}", f"options.{name}")
+        if name in options:
+            raise InputError("is given more than once", f"options.{name}")
+        try:
+            options[name] = _OPTION_PARSERS[name](raw)
+        except (ValueError, KeyError):
+            raise InputError(f"cannot read {raw!r} as a value of this option", f"options.{name}") from None
+    return options
+
+
+def decode_npz_request(body: bytes, query: list[tuple[str, str]], max_cells: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    arrays = npz.read_request(body, max_cells)
+    return arrays["labels"], arrays["pred_probs"], options_from_query(query)
+
+
+def _check_cells(P: np.ndarray, max_cells: int) -> None:
+    if P.size > max_cells:
+        raise PayloadTooLarge(
+            f"pred_probs has {P.shape[0]} x {P.shape[1]} = {P.size} elements; the limit is {max_cells} "
+            "(LABELQ_MAX_CELLS)",
+            "pred_probs",
+        )
+
+
 def _media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
 
@@ -152,20 +194,32 @@ def _documented(request: str | None, responses: dict[int, tuple[str, str, str]])
         def __post_init__(self) -> None:
             if request is not None:
                 self.request_body = RequestBody(
-                    required=True, content={JSON: OpenAPIMediaType(schema=_ref(request))}
+                    required=True,
+                    description=f"JSON, or an npz ({NPZ}) with arrays `labels` and `pred_probs` and the options "
+                    "as query parameters of the same names (`num_to_remove_per_class` comma-separated).",
+                    content={
+                        JSON: OpenAPIMediaType(schema=_ref(request)),
+                        NPZ: OpenAPIMediaType(schema={"type": "string", "format": "binary"}),
+                    },
                 )
             self.responses = {
                 str(code): OpenAPIResponse(description=desc, content={media: OpenAPIMediaType(schema=_ref(name))})
                 for code, (desc, media, name) in responses.items()
             }
+            if request is not None and "200" in self.responses:
+                self.responses["200"].description += (
+                    f" With `Accept: {NPZ}`: one npz holding every field under the same name "
+                    "(the `noise` fields at top level; scalars as 0-d arrays)."
+                )
+                self.responses["200"].content[NPZ] = OpenAPIMediaType(schema={"type": "string", "format": "binary"})  # type: ignore[index]
 
     return DocumentedOperation
 
 
 _PROBLEMS = {
-    400: ("Malformed body (not JSON).", PROBLEM_JSON, "Problem"),
-    413: ("Body larger than the configured limit.", PROBLEM_JSON, "Problem"),
-    415: ("Content-Type is not application/json.", PROBLEM_JSON, "Problem"),
+    400: ("Malformed body (not JSON, or not a readable npz).", PROBLEM_JSON, "Problem"),
+    413: ("Body, or N x K, larger than the configured limits.", PROBLEM_JSON, "Problem"),
+    415: ("Content-Type is neither application/json nor application/x-npz.", PROBLEM_JSON, "Problem"),
     422: ("Invalid data or options; `field` names the culprit.", PROBLEM_JSON, "Problem"),
 }
 
@@ -182,17 +236,32 @@ class State:
         self.ready = threading.Event()
 
 
-def _find_issues_sync(body: bytes) -> tuple[bytes, str]:
+def _find_issues_sync(
+    body: bytes, media: str, query: list[tuple[str, str]], want_npz: bool, max_cells: int
+) -> tuple[bytes, str]:
     t0 = time.perf_counter()
-    labels, P, options = decode_json_request(body)
+    if media == npz.MEDIA_TYPE:
+        labels, P, options = decode_npz_request(body, query, max_cells)
+    else:
+        if query:
+            raise InputError("with a JSON body, options go in the body's `options`, not the query", "query")
+        labels, P, options = decode_json_request(body)
+        _check_cells(P, max_cells)
     t1 = time.perf_counter()
     result = core.find_issues(labels, P, **options)
     t2 = time.perf_counter()
-    out = orjson.dumps(result.to_dict(), option=orjson.OPT_SERIALIZE_NUMPY)
+    if want_npz:
+        out = npz.write_response(result.to_dict())
+    else:
+        out = orjson.dumps(result.to_dict(), option=orjson.OPT_SERIALIZE_NUMPY)
     t3 = time.perf_counter()
     timing = {"decode": t1 - t0, **result.timings, "encode": t3 - t2}
     server_timing = ", ".join(f"{k};dur={v * 1000:.3f}" for k, v in timing.items())
     return out, server_timing
+
+
+def _wants_npz(request: Request) -> bool:
+    return npz.MEDIA_TYPE in request.headers.get("accept", "").lower()
 
 
 @post(
@@ -210,13 +279,22 @@ def _find_issues_sync(body: bytes) -> tuple[bytes, str]:
     ),
 )
 async def find_issues(request: Request) -> Response:
-    if _media_type(request) != JSON:
+    media = _media_type(request)
+    if media not in (JSON, npz.MEDIA_TYPE):
         raise UnsupportedMediaType(
-            f"Content-Type must be {JSON}; got {request.headers.get('content-type') or 'none'}", "Content-Type"
+            f"Content-Type must be {JSON} or {npz.MEDIA_TYPE}; got {request.headers.get('content-type') or 'none'}",
+            "Content-Type",
         )
+    settings: Settings = request.app.state.settings
     body = await request.body()
-    content, server_timing = await anyio.to_thread.run_sync(_find_issues_sync, body)
-    return Response(content=content, media_type=JSON, headers={"Server-Timing": server_timing})
+    want_npz = _wants_npz(request)
+    query = list(request.query_params.multi_items())
+    content, server_timing = await anyio.to_thread.run_sync(
+        _find_issues_sync, body, media, query, want_npz, settings.max_cells
+    )
+    return Response(
+        content=content, media_type=npz.MEDIA_TYPE if want_npz else JSON, headers={"Server-Timing": server_timing}
+    )
 
 
 @get(
@@ -268,6 +346,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     """Build the app. Settings default to the environment's (``LABELQ_*``)."""
     settings = settings or Settings.from_env()
     state = State()
+    core.set_threads(settings.threads or available_cpus())
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:

@@ -250,6 +250,23 @@ def raise_for_problem(problem: tuple[int, int, int, float], tolerance: float) ->
     raise InputError(f"row {row} sums to {value:.9g}, not 1 within prob_tolerance={tolerance:g}", f"pred_probs[{row}]")
 
 
+def _as_bits(P: np.ndarray) -> np.ndarray:
+    """The matrix viewed as integers of its width (float16 already is)."""
+    return P if P.dtype == np.uint16 else P.view(np.int32 if P.dtype == np.float32 else np.int64)
+
+
+_threads: int | None = None
+
+
+def set_threads(n: int) -> int:
+    """Use ``n`` kernel threads per request (capped by numba's pool,
+    ``NUMBA_NUM_THREADS``); returns the count set. numba's setting is
+    per calling thread, so it is applied again before each computation."""
+    global _threads
+    _threads = max(1, min(int(n), numba.config.NUMBA_NUM_THREADS))
+    return _threads
+
+
 def _n_chunks(n: int) -> int:
     return max(1, min(n, 8 * numba.get_num_threads()))
 
@@ -292,6 +309,8 @@ def find_issues(labels: Any, pred_probs: Any, **options: Any) -> FindIssuesResul
     labels_arr, P, dtype = check_inputs(labels, pred_probs)
     t1 = time.perf_counter()
     with _KERNEL_LOCK:
+        if _threads is not None:
+            numba.set_num_threads(_threads)
         result = _compute(labels_arr, P, dtype, opts)
     t2 = time.perf_counter()
     result.timings = {"validate": t1 - t0, "kernel": t2 - t1}
@@ -310,15 +329,17 @@ def _compute(labels: np.ndarray, P: np.ndarray, dtype: np.dtype, o: Options) -> 
 
     # Pass 1: validation, argmax, self-confidence, the best other class.
     want_entropy = o.rank_by == "confidence_weighted_entropy"
+    B = _as_bits(P)
+    ubits = kn.value_bits([1.0 + float(o.prob_tolerance)], dtype, -1)[0]
     problem, argmax, label_is_max, selfconf, other, entropy = kn.row_stats(
-        P, labels, float(o.prob_tolerance), prec, want_entropy, chunks
+        P, B, labels, float(o.prob_tolerance), ubits, prec, want_entropy, chunks
     )
     raise_for_problem(problem, float(o.prob_tolerance))
 
     counts, starts, order = kn.class_index(labels, K)
     thresholds, tprec, tcmp = _thresholds(selfconf, dtype, counts, starts, order)
     # Pass 2: the confident joint.
-    offdiag, cj_raw = kn.confident_pass(P, labels, tcmp, argmax, chunks)
+    offdiag, cj_raw = kn.confident_pass(B, labels, kn.value_bits(tcmp, dtype, +1), argmax, chunks)
     np.fill_diagonal(cj_raw, np.maximum(np.diagonal(cj_raw), 1))
     cj = kn.calibrate_confident_joint(cj_raw, counts)
     joint = cj / max(float(cj.sum()), kn.TINY_VALUE)

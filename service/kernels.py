@@ -301,9 +301,79 @@ def _entropy_score(row, K, sc, prec, log_k):
     return math.log(q + 1.0) / max(q, CLIPPING_LOWER_BOUND)
 
 
+# Pass 1 and 2 read each row with small loops that LLVM vectorises: integer
+# reductions, and a float sum allowed to reassociate (it is only compared with
+# 1 +- tolerance). Maxima and threshold comparisons use the values' bit
+# patterns: for non-negative IEEE floats (checked first) integer order is
+# numeric order, and integer compares vectorise without fast-math.
+
+
+@njit(inline="always", **_JIT)
+def _count_outside(b, ubits):
+    """How many values of a row (as bit patterns) are not in [+0, upper]:
+    negative (sign bit), NaN, inf or above the upper bound all fall outside."""
+    c = 0
+    for j in range(b.shape[0]):
+        v = b[j]
+        c += (v < 0) | (v > ubits)
+    return c
+
+
+@njit(fastmath={"reassoc", "nsz", "arcp"}, **_JIT)
+def _row_sum(r):
+    s = 0.0
+    for j in range(r.shape[0]):
+        s += _ld(r[j])
+    return s
+
+
+@njit(inline="always", **_JIT)
+def _max_and_other(b, y):
+    """Largest bit pattern of a row, and the largest outside column ``y``
+    (for values >= +0 these are the largest values; +0 has pattern 0)."""
+    m = b[0]
+    o = b[0] - b[0]
+    for j in range(b.shape[0]):
+        v = b[j]
+        m = v if v > m else m
+        w = v if j != y else o - o
+        o = w if w > o else o
+    return m, o
+
+
+@njit(inline="always", **_JIT)
+def _first_index(b, v, skip):
+    """First column of a row (other than ``skip``) whose bit pattern is ``v``;
+    a min-reduction so that it vectorises. The row's length if none."""
+    K = b.shape[0]
+    f = K
+    for j in range(K):
+        t = j if (b[j] == v and j != skip) else K
+        f = t if t < f else f
+    return f
+
+
+@njit(**_JIT)
+def _first_problem(r, upper):
+    """The first invalid value of a row: (code, column, value)."""
+    for j in range(r.shape[0]):
+        v = _ld(r[j])
+        if not np.isfinite(v):
+            return CHECK_NOT_FINITE, j, v
+        if v < 0.0 or (v == 0.0 and math.copysign(1.0, v) < 0.0):
+            return CHECK_NEGATIVE, j, v
+        if v > upper:
+            return CHECK_ABOVE_ONE, j, v
+    return CHECK_OK, -1, 0.0
+
+
 @njit(parallel=True, **_JIT)
-def row_stats(P, labels, tolerance, prec, want_entropy, n_chunks):
+def row_stats(P, B, labels, tolerance, ubits, prec, want_entropy, n_chunks):
     """One parallel pass: check every value and row, and collect per-row facts.
+
+    ``B`` is ``P`` viewed as integers of the same width (P itself for float16);
+    ``ubits`` is the bit pattern of the largest value <= 1 + ``tolerance``
+    (``value_bits``).
 
     Returns ``(problem, argmax, label_is_max, selfconf, other, entropy)``:
         problem: ``(code, row, col, value)`` of the first invalid value or row
@@ -333,51 +403,34 @@ def row_stats(P, labels, tolerance, prec, want_entropy, n_chunks):
     log_k = math.log(K)
     size = (N + n_chunks - 1) // n_chunks
     for c in prange(n_chunks):
-        row = np.empty(K if want_entropy else 0, np.float64)
+        buf = np.empty(K if want_entropy else 0, np.float64)
         for i in range(c * size, min(N, (c + 1) * size)):
-            y = labels[i]
-            s = 0.0
-            best = -1.0
-            bj = 0
-            oth = -1.0
-            oj = 0
-            code = CHECK_OK
-            for j in range(K):
-                v = _ld(P[i, j])
-                if not (v >= 0.0 and v <= upper):
-                    if not np.isfinite(v):
-                        code = CHECK_NOT_FINITE
-                    elif v < 0.0:
-                        code = CHECK_NEGATIVE
-                    else:
-                        code = CHECK_ABOVE_ONE
-                    cols[c], vals[c] = j, v
-                    break
-                s += v
-                if v > best:
-                    best = v
-                    bj = j
-                if j != y and v > oth:
-                    oth = v
-                    oj = j
-                if want_entropy:
-                    row[j] = v
-            if code == CHECK_OK and abs(s - 1.0) > tolerance:
-                code = CHECK_ROW_SUM
-                cols[c], vals[c] = -1, s
-            if code != CHECK_OK:
-                codes[c], rows[c] = code, i
+            r = P[i]
+            b = B[i]
+            s = _row_sum(r)
+            if _count_outside(b, ubits) > 0 or abs(s - 1.0) > tolerance:
+                code, col, v = _first_problem(r, upper)
+                if code == CHECK_OK:
+                    code, col, v = CHECK_ROW_SUM, -1, s
+                codes[c], rows[c], cols[c], vals[c] = code, i, col, v
                 break
-            sc = _ld(P[i, y])
-            argmax[i] = bj
+            y = labels[i]
+            mx, ob = _max_and_other(b, y)
+            argmax[i] = _first_index(b, mx, -1)
+            sc = _ld(r[y])
+            oj = _first_index(b, ob, y)
+            oth = _ld(r[oj])
             selfconf[i] = sc
             other[i] = oth
             # cleanlab adds 1e-6 to the given label's probability and asks
-            # whether np.argmax (first maximum) then lands on it.
+            # whether np.argmax (first maximum) then lands on it; oj is the
+            # first column other than y holding the other maximum.
             lifted = _rnd(sc + eps, prec)
             label_is_max[i] = oth < lifted or (oth == lifted and oj > y)
             if want_entropy:
-                entropy[i] = _entropy_score(row, K, sc, prec, log_k)
+                for t in range(K):
+                    buf[t] = _ld(r[t])
+                entropy[i] = _entropy_score(buf, K, sc, prec, log_k)
     problem = (CHECK_OK, -1, -1, 0.0)
     for c in range(n_chunks):
         if codes[c] != CHECK_OK:
@@ -391,35 +444,50 @@ def row_stats(P, labels, tolerance, prec, want_entropy, n_chunks):
 # --------------------------------------------------------------------------
 
 
+@njit(inline="always", **_JIT)
+def _count_at_least(b, tb):
+    c = 0
+    for j in range(b.shape[0]):
+        c += b[j] >= tb[j]
+    return c
+
+
+@njit(inline="always", **_JIT)
+def _first_at_least(b, tb):
+    K = b.shape[0]
+    f = K
+    for j in range(K):
+        t = j if b[j] >= tb[j] else K
+        f = t if t < f else f
+    return f
+
+
 @njit(parallel=True, **_JIT)
-def confident_pass(P, labels, tcmp, argmax, n_chunks):
+def confident_pass(B, labels, tbits, argmax, n_chunks):
     """The (uncalibrated) confident joint, in one parallel pass.
 
-    ``tcmp[k]`` is ``thresholds[k] - 1e-6`` as the reference computes it. A
-    row is *confident* for class j when ``P[i, j] >= tcmp[j]``; its true-label
-    guess is the row argmax when it is confident for several classes, else the
-    one class. Returns ``(offdiag, cj)``: bool (N,) confident and guess !=
-    given label; int64 (K, K) counts, rows given label, columns guess, the
-    diagonal not yet clipped.
+    A row is *confident* for class j when ``P[i, j] >= thresholds[j] - 1e-6``;
+    ``tbits[j]`` is that comparison on bit patterns (``B``, the matrix viewed
+    as integers; see ``threshold_bits``). The true-label guess is the row
+    argmax when the row is confident for several classes, else the one class.
+    Returns ``(offdiag, cj)``: bool (N,) confident and guess != given label;
+    int64 (K, K) counts, rows given label, columns guess, the diagonal not yet
+    clipped.
     """
-    N, K = P.shape
+    N, K = B.shape
     offdiag = np.zeros(N, np.bool_)
     counts = np.zeros((n_chunks, K, K), np.int64)
     size = (N + n_chunks - 1) // n_chunks
     for c in prange(n_chunks):
         for i in range(c * size, min(N, (c + 1) * size)):
-            nconf = 0
-            first = -1
-            for j in range(K):
-                if _ld(P[i, j]) >= tcmp[j]:
-                    if nconf == 0:
-                        first = j
-                    nconf += 1
-                    if nconf > 1:
-                        break
+            b = B[i]
+            nconf = _count_at_least(b, tbits)
             if nconf > 0:
                 y = labels[i]
-                g = argmax[i] if nconf > 1 else first
+                if nconf > 1:
+                    g = argmax[i]
+                else:
+                    g = _first_at_least(b, tbits)
                 counts[c, y, g] += 1
                 offdiag[i] = g != y
     cj = np.zeros((K, K), np.int64)
@@ -687,9 +755,10 @@ def prune_by_noise_rate(P, order, starts, nonmax, pcm, min_examples_per_class, p
 
     Without sorting whole classes: a positive margin needs ``P[i, j] >
     P[i, k]``, so only rows whose label is not their maximum (``nonmax``) can
-    have one. When a cell has at least as many positive margins as rows to
-    prune, its selection lies among those rows; otherwise every row of the
-    class competes and the cell is selected from all of them.
+    have one. Those rows are read once, row by row, and their positive
+    margins collected per cell. A cell with at least as many positive margins
+    as rows to prune is selected among them (O(count)); a cell with fewer
+    (rare) is selected among all rows of the class.
     """
     K = starts.shape[0] - 1
     N = order.shape[0]
@@ -700,37 +769,53 @@ def prune_by_noise_rate(P, order, starts, nonmax, pcm, min_examples_per_class, p
         # The reference skips small classes, and never applies a class mask of length one.
         if n <= min_examples_per_class or n <= 1:
             continue
-        cand = np.empty(n, np.int64)
-        nc = 0
+        wanted = np.zeros(K, np.bool_)
+        for j in range(K):
+            wanted[j] = j != k and pcm[j, k] > 0
+        # Count, then collect, the positive margins per cell (j).
+        count = np.zeros(K + 1, np.int64)
         for t in range(n):
             i = order[lo + t]
             if nonmax[i]:
-                cand[nc] = i
-                nc += 1
-        keys = np.empty(n, np.float64)
-        rows = np.empty(n, np.int64)
+                pk = _ld(P[i, k])
+                for j in range(K):
+                    if wanted[j] and _ld(P[i, j]) > pk:
+                        count[j + 1] += 1
         for j in range(K):
-            m = pcm[j, k]
-            if j == k or m <= 0:
+            count[j + 1] += count[j]
+        fill = count[:K].copy()
+        keys = np.empty(count[K], np.float64)
+        rows = np.empty(count[K], np.int64)
+        for t in range(n):
+            i = order[lo + t]
+            if nonmax[i]:
+                pk = _ld(P[i, k])
+                for j in range(K):
+                    if wanted[j]:
+                        v = _ld(P[i, j])
+                        if v > pk:
+                            keys[fill[j]] = -_rnd(v - pk, prec)
+                            rows[fill[j]] = i
+                            fill[j] += 1
+        for j in range(K):
+            if not wanted[j]:
                 continue
-            cnt = 0
-            for t in range(nc):
-                i = cand[t]
-                d = _rnd(_ld(P[i, j]) - _ld(P[i, k]), prec)
-                if d > 0.0:
-                    keys[cnt] = -d
-                    rows[cnt] = i
-                    cnt += 1
-            if cnt < m:
-                cnt = n
+            m = pcm[j, k]
+            a, b = count[j], count[j + 1]
+            if b - a >= m:
+                sel = _select_smallest(keys[a:b], m)
+                for t in range(b - a):
+                    if sel[t]:
+                        mask[rows[a + t]] = True
+            else:
+                all_keys = np.empty(n, np.float64)
                 for t in range(n):
                     i = order[lo + t]
-                    keys[t] = -_rnd(_ld(P[i, j]) - _ld(P[i, k]), prec)
-                    rows[t] = i
-            sel = _select_smallest(keys[:cnt], m)
-            for t in range(cnt):
-                if sel[t]:
-                    mask[rows[t]] = True
+                    all_keys[t] = -_rnd(_ld(P[i, j]) - _ld(P[i, k]), prec)
+                sel = _select_smallest(all_keys, m)
+                for t in range(n):
+                    if sel[t]:
+                        mask[order[lo + t]] = True
     return mask
 
 
@@ -831,3 +916,18 @@ def predicted_neq_given(argmax, labels):
     for i in prange(N):
         out[i] = argmax[i] != labels[i]
     return out
+
+
+def value_bits(values, dtype, direction):
+    """Bit patterns (as the integer view's dtype) of the float ``dtype`` values
+    nearest to ``values`` on one side: ``direction`` +1 gives the smallest
+    representable value >= each value, -1 the largest <= it. For values in
+    [+0, inf], ``x >= v  <=>  bits(x) >= bits(up(v))`` and ``x <= v  <=>
+    bits(x) <= bits(down(v))``."""
+    values = np.asarray(values, dtype=np.float64)
+    t = values.astype(dtype)
+    off = t.astype(np.float64) < values if direction > 0 else t.astype(np.float64) > values
+    t[off] = np.nextafter(t[off], np.inf if direction > 0 else -np.inf).astype(dtype)
+    t = np.maximum(t, dtype.type(0))  # -0.0 -> +0.0
+    ints = {2: np.uint16, 4: np.int32, 8: np.int64}[np.dtype(dtype).itemsize]
+    return np.ascontiguousarray(t).view(ints)

@@ -21,6 +21,12 @@ class Settings(BaseModel):
     max_body_bytes: int = Field(
         1 << 30, ge=1024, description="Largest request body accepted; larger requests get 413."
     )
+    max_cells: int = Field(
+        1 << 30, ge=4, description="Largest N x K accepted (checked before allocating); larger gets 413."
+    )
+    threads: int = Field(
+        0, ge=0, le=1024, description="Kernel threads per request; 0 = the CPUs this process may use (cgroup limit)."
+    )
     log_level: str = Field("info", pattern="^(critical|error|warning|info|debug)$", description="Log level.")
     warmup: bool = Field(True, description="Compile/load the kernels before reporting ready.")
 
@@ -57,3 +63,16 @@ class SettingsError(ValueError):
 
 def _env_names() -> list[str]:
     return [PREFIX + name.upper() for name in Settings.model_fields]
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity, capped by a cgroup v2 CPU quota
+    (a container's CPU limit), rounded up, at least 1."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)

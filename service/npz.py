@@ -1,0 +1,109 @@
+"""The binary wire format: ``.npz`` archives, read without ever unpickling.
+
+A request is an npz (as ``numpy.savez`` or ``numpy.savez_compressed`` writes
+it) with the arrays ``labels`` and ``pred_probs``. Each member's npy header is
+read and checked (dtype, shape, declared size against the limit) *before*
+anything of that size is allocated; then exactly the declared number of bytes
+is read (decompressed at most that far, so a zip bomb stops there), and a
+member holding more or fewer bytes than its header declares is rejected.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import zipfile
+from typing import Any
+
+import numpy as np
+
+from service.errors import InputError, LabelqError, PayloadTooLarge
+
+MEDIA_TYPE = "application/x-npz"
+REQUIRED = ("labels", "pred_probs")
+_ALLOWED_KINDS = {"labels": "iu", "pred_probs": "f"}
+
+
+class MalformedNpz(LabelqError):
+    status = 400
+    title = "Malformed request body"
+    type = "https://labelq.invalid/problems/malformed-body"
+
+
+def read_request(body: bytes, max_cells: int) -> dict[str, np.ndarray]:
+    """Parse an npz request body into ``{"labels": ..., "pred_probs": ...}``.
+
+    Raises:
+        MalformedNpz (400): not a zip archive, corrupt or truncated members.
+        InputError (422): missing or unexpected arrays, bad dtypes, pickled
+            objects, headers that disagree with the data.
+        PayloadTooLarge (413): a declared shape over ``max_cells`` elements.
+    """
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(body))
+    except (zipfile.BadZipFile, ValueError) as exc:
+        raise MalformedNpz(f"the body is not an npz (zip) archive: {exc}", "body") from None
+    members = {name[:-4] if name.endswith(".npy") else name: name for name in archive.namelist()}
+    for name in members:
+        if name not in REQUIRED:
+            raise InputError(f"unexpected array {name!r}; an npz request holds exactly: labels, pred_probs", name)
+    for name in REQUIRED:
+        if name not in members:
+            raise InputError(f"the npz has no array {name!r}", name)
+    return {name: _read_member(archive, members[name], name, max_cells) for name in REQUIRED}
+
+
+def _read_member(archive: zipfile.ZipFile, member: str, name: str, max_cells: int) -> np.ndarray:
+    try:
+        with archive.open(member) as f:
+            try:
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+                else:
+                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            except (ValueError, SyntaxError, TypeError) as exc:
+                raise InputError(f"is not a valid .npy array: {exc}", name) from None
+            if dtype.hasobject:
+                raise InputError("holds Python objects; only numeric arrays are accepted (pickles are never loaded)", name)
+            if dtype.kind not in _ALLOWED_KINDS[name]:
+                want = "integers" if name == "labels" else "float16, float32 or float64"
+                raise InputError(f"must be {want}; got dtype {dtype}", name)
+            cells = math.prod(shape)
+            if cells > max_cells:
+                raise PayloadTooLarge(
+                    f"declares shape {shape} ({cells} elements); the limit is {max_cells} elements "
+                    "(LABELQ_MAX_CELLS)",
+                    name,
+                )
+            nbytes = cells * dtype.itemsize
+            data = f.read(nbytes)
+            if len(data) != nbytes:
+                raise InputError(f"its header declares {nbytes} bytes of data but the member holds {len(data)}", name)
+            if f.read(1):
+                raise InputError("holds more data than its header declares", name)
+    except zipfile.BadZipFile as exc:
+        raise MalformedNpz(f"the npz member for {name!r} is corrupt: {exc}", name) from None
+    except (EOFError, OSError, RuntimeError, NotImplementedError) as exc:  # truncated or unsupported compression
+        raise MalformedNpz(f"the npz member for {name!r} cannot be read: {exc}", name) from None
+    arr = np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
+    if not arr.dtype.isnative:
+        arr = arr.astype(arr.dtype.newbyteorder("="))
+    return arr
+
+
+def write_response(fields: dict[str, Any]) -> bytes:
+    """One npz holding every field; nested dicts are flattened (their keys are unique)."""
+    flat: dict[str, np.ndarray] = {}
+
+    def add(d: dict[str, Any]) -> None:
+        for key, value in d.items():
+            if isinstance(value, dict):
+                add(value)
+            else:
+                flat[key] = np.asarray(value)
+
+    add(fields)
+    out = io.BytesIO()
+    np.savez(out, **flat)
+    return out.getvalue()
