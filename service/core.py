@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numba
@@ -43,8 +43,13 @@ FilterBy = Literal[
 ]
 RankBy = Literal["self_confidence", "normalized_margin", "confidence_weighted_entropy"]
 
+ThresholdMethod = Literal["mean", "percentile"]
+
 FILTER_BY: tuple[str, ...] = FilterBy.__args__  # type: ignore[attr-defined]
 RANK_BY: tuple[str, ...] = RankBy.__args__  # type: ignore[attr-defined]
+THRESHOLD_METHODS: tuple[str, ...] = ThresholdMethod.__args__  # type: ignore[attr-defined]
+# Per-example categories, by code (``FindIssuesResult.category``).
+CATEGORIES = ("ok", "label_issue", "out_of_distribution", "unconfident")
 PRUNE_METHODS = ("prune_by_noise_rate", "prune_by_class", "both")
 
 _RANK_CODE = {
@@ -60,6 +65,36 @@ _KERNEL_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
+class Thresholds:
+    """How the per-class thresholds are set (the ``thresholds`` option).
+
+    method: ``"mean"``, the confident-learning rule (class k's threshold is
+        the mean of ``P[labels == k, k]``), or ``"percentile"``: the
+        ``class_percentile``-th percentile of those values (numpy's default,
+        linear, percentile). Either replaces the other for the whole
+        computation: confident joint, pruning, noise estimates, and the
+        scores when ``adjust_pred_probs``.
+    class_percentile: in [0, 100], percentile method only (default 50).
+    ood_percentile: in [0, 100]: class k's out-of-distribution threshold is
+        this percentile of ``P[labels == k, k]``, under either method. An
+        example counted nowhere in the confident joint whose every
+        probability is below its class's out-of-distribution threshold is
+        ``out_of_distribution``.
+
+    A class with no examples gets 2.0 for both thresholds, as the reference
+    gives it under the mean rule: no example is confident for it, and it
+    never keeps an example from being out of distribution.
+    """
+
+    method: str = "mean"
+    class_percentile: float | None = None
+    ood_percentile: float = 15.0
+
+
+DEFAULT_CLASS_PERCENTILE = 50.0
+
+
+@dataclass(frozen=True)
 class Options:
     """Options of :func:`find_issues`, with the reference's defaults.
 
@@ -70,6 +105,8 @@ class Options:
     min_examples_per_class: never prune a class below this many examples.
     adjust_pred_probs: subtract per-class thresholds before scoring.
     prob_tolerance: how far a row's sum may be from 1 (and a value above 1).
+    thresholds: :class:`Thresholds`, or a dict of its fields; None is the
+        default ``{"method": "mean"}``.
     """
 
     filter_by: str = "prune_by_noise_rate"
@@ -79,6 +116,7 @@ class Options:
     min_examples_per_class: int = 1
     adjust_pred_probs: bool = False
     prob_tolerance: float = 1e-3
+    thresholds: Thresholds | None = None
 
 
 @dataclass
@@ -86,6 +124,7 @@ class NoiseEstimates:
     """Dataset-level estimates. Matrices are (K, K) float64 / int64."""
 
     thresholds: np.ndarray
+    ood_thresholds: np.ndarray
     confident_joint: np.ndarray
     joint: np.ndarray
     noise_matrix: np.ndarray
@@ -106,6 +145,8 @@ class FindIssuesResult:
     suggested_label: np.ndarray
     ranked_issue_indices: np.ndarray
     noise: NoiseEstimates
+    category: np.ndarray  # int8 codes into CATEGORIES
+    category_counts: np.ndarray  # int64 (4,), indexed by category code
     timings: dict[str, float] = field(default_factory=dict, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -119,8 +160,11 @@ class FindIssuesResult:
             "label_quality_score": self.label_quality_score,
             "suggested_label": self.suggested_label,
             "ranked_issue_indices": self.ranked_issue_indices,
+            "category": self.category,
+            "category_counts": self.category_counts,
             "noise": {
                 "thresholds": n.thresholds,
+                "ood_thresholds": n.ood_thresholds,
                 "confident_joint": n.confident_joint,
                 "joint": n.joint,
                 "noise_matrix": n.noise_matrix,
@@ -144,7 +188,43 @@ def make_options(**kwargs: Any) -> Options:
             raise InputError(f"unknown option {name!r}; known options: {', '.join(known)}", f"options.{name}")
     opts = Options(**{k: v for k, v in kwargs.items() if v is not None or k == "num_to_remove_per_class"})
     _check_options(opts)
-    return opts
+    return replace(opts, thresholds=make_thresholds(opts.thresholds))
+
+
+def make_thresholds(spec: Any) -> Thresholds:
+    """Validate the ``thresholds`` option (None, a dict or a :class:`Thresholds`)
+    and fill in its defaults; errors name ``options.thresholds.<field>``."""
+    if spec is None:
+        return Thresholds()
+    if isinstance(spec, Thresholds):
+        spec = {f: getattr(spec, f) for f in Thresholds.__dataclass_fields__}
+    if not isinstance(spec, dict):
+        raise InputError(
+            f"must be an object with method, class_percentile, ood_percentile; got {spec!r}", "options.thresholds"
+        )
+    known = Thresholds.__dataclass_fields__
+    for name in spec:
+        if name not in known:
+            raise InputError(f"unknown field {name!r}; known: {', '.join(known)}", f"options.thresholds.{name}")
+    method = spec.get("method")
+    method = "mean" if method is None else method
+    if method not in THRESHOLD_METHODS:
+        raise InputError(
+            f"must be one of {', '.join(THRESHOLD_METHODS)}; got {method!r}", "options.thresholds.method"
+        )
+    out: dict[str, Any] = {"method": method}
+    for name, default in (("class_percentile", DEFAULT_CLASS_PERCENTILE), ("ood_percentile", 15.0)):
+        value = spec.get(name)
+        where = f"options.thresholds.{name}"
+        if value is None:
+            out[name] = default if (name == "ood_percentile" or method == "percentile") else None
+            continue
+        if not _is_number(value) or not 0.0 <= float(value) <= 100.0:
+            raise InputError(f"must be a number in [0, 100]; got {value!r}", where)
+        if name == "class_percentile" and method != "percentile":
+            raise InputError("only applies to method 'percentile'", where)
+        out[name] = float(value)
+    return Thresholds(**out)
 
 
 def _is_int(x: Any) -> bool:
@@ -276,12 +356,26 @@ def _n_chunks(n: int) -> int:
 # --------------------------------------------------------------------------
 
 
-def _thresholds(selfconf: np.ndarray, dtype: np.dtype, counts: np.ndarray, starts: np.ndarray, order: np.ndarray):
+def _thresholds(
+    selfconf: np.ndarray,
+    dtype: np.dtype,
+    counts: np.ndarray,
+    starts: np.ndarray,
+    order: np.ndarray,
+    percentile: float | None = None,
+):
     """Per-class thresholds as the reference builds them: an array of the
     input's dtype when every class has examples, else float64 (a missing
     class gets 2.0). Returns (thresholds as float64, their precision code,
-    the comparison values ``thresholds - 1e-6`` as float64)."""
-    means = kn.class_means(selfconf, order, starts, _PREC[dtype])
+    the comparison values ``thresholds - 1e-6`` as float64).
+
+    The class means (the reference's rule), or with ``percentile`` that
+    percentile of each class's values (``np.percentile``, linear), in the
+    same dtype and with the same floor and missing-class value."""
+    if percentile is None:
+        means = kn.class_means(selfconf, order, starts, _PREC[dtype])
+    else:
+        means = kn.class_percentiles(selfconf, order, starts, float(percentile), _PREC[dtype])
     if (counts > 0).all():
         t = means.astype(dtype)
     else:
@@ -289,6 +383,17 @@ def _thresholds(selfconf: np.ndarray, dtype: np.dtype, counts: np.ndarray, start
     t = np.clip(t, kn.CONFIDENT_THRESHOLDS_LOWER_BOUND, None)
     tcmp = t - kn.FLOATING_POINT_COMPARISON
     return t.astype(np.float64), _PREC[t.dtype], tcmp.astype(np.float64)
+
+
+def _categories(B, labels, tbits, argmax, selfconf, dtype, counts, starts, order, ood_percentile, chunks):
+    """Every example's category (codes into CATEGORIES), the counts per
+    category, and the out-of-distribution thresholds (float64, K). ``tbits``
+    are the class thresholds as the confident pass compared them, so ``ok``
+    and ``label_issue`` are exactly the rows it counted on and off the
+    diagonal."""
+    ood, _, ocmp = _thresholds(selfconf, dtype, counts, starts, order, ood_percentile)
+    category, category_counts = kn.categorize(B, labels, tbits, kn.value_bits(ocmp, dtype, +1), argmax, chunks)
+    return category, category_counts, ood
 
 
 def find_issues(labels: Any, pred_probs: Any, **options: Any) -> FindIssuesResult:
@@ -299,7 +404,7 @@ def find_issues(labels: Any, pred_probs: Any, **options: Any) -> FindIssuesResul
         pred_probs: float16/32/64 array (N, K), out-of-sample predicted probabilities.
         **options: see :class:`Options` (``filter_by``, ``rank_by``, ``frac_noise``,
             ``num_to_remove_per_class``, ``min_examples_per_class``,
-            ``adjust_pred_probs``, ``prob_tolerance``).
+            ``adjust_pred_probs``, ``prob_tolerance``, ``thresholds``).
 
     Raises:
         InputError: invalid data or options; ``.field`` names the culprit.
@@ -337,9 +442,14 @@ def _compute(labels: np.ndarray, P: np.ndarray, dtype: np.dtype, o: Options) -> 
     raise_for_problem(problem, float(o.prob_tolerance))
 
     counts, starts, order = kn.class_index(labels, K)
-    thresholds, tprec, tcmp = _thresholds(selfconf, dtype, counts, starts, order)
+    th = o.thresholds or Thresholds()
+    thresholds, tprec, tcmp = _thresholds(selfconf, dtype, counts, starts, order, th.class_percentile)
     # Pass 2: the confident joint.
-    offdiag, cj_raw = kn.confident_pass(B, labels, kn.value_bits(tcmp, dtype, +1), argmax, chunks)
+    tbits = kn.value_bits(tcmp, dtype, +1)
+    offdiag, cj_raw = kn.confident_pass(B, labels, tbits, argmax, chunks)
+    category, category_counts, ood_thresholds = _categories(
+        B, labels, tbits, argmax, selfconf, dtype, counts, starts, order, th.ood_percentile, chunks
+    )
     np.fill_diagonal(cj_raw, np.maximum(np.diagonal(cj_raw), 1))
     cj = kn.calibrate_confident_joint(cj_raw, counts)
     joint = cj / max(float(cj.sum()), kn.TINY_VALUE)
@@ -367,7 +477,7 @@ def _compute(labels: np.ndarray, P: np.ndarray, dtype: np.dtype, o: Options) -> 
             mask &= kn.prune_by_class(selfconf, order, starts, pcm, o.min_examples_per_class)
         if fb in ("prune_by_noise_rate", "both"):
             nonmax = other > selfconf
-            mask &= kn.prune_by_noise_rate(P, order, starts, nonmax, pcm, o.min_examples_per_class, prec)
+            mask &= kn.prune_by_noise_rate(P, B, order, starts, nonmax, pcm, o.min_examples_per_class, prec)
         mask &= ~label_is_max
     elif fb == "confident_learning":
         mask = cl_issues
@@ -390,8 +500,11 @@ def _compute(labels: np.ndarray, P: np.ndarray, dtype: np.dtype, o: Options) -> 
         label_quality_score=scores,
         suggested_label=argmax,
         ranked_issue_indices=ranked,
+        category=category,
+        category_counts=category_counts,
         noise=NoiseEstimates(
             thresholds=thresholds,
+            ood_thresholds=ood_thresholds,
             confident_joint=cj,
             joint=joint,
             noise_matrix=noise_matrix,

@@ -747,16 +747,25 @@ def apply_num_to_remove_per_class(pcm, num_to_remove, label_counts):
 # --------------------------------------------------------------------------
 
 
+@njit(inline="always", **_JIT)
+def _tally_above(b, bk, wanted, tally):
+    """``tally[j] += 1`` where the row's value in column j exceeds column k's
+    (bit patterns) and the cell is wanted; elementwise, so it vectorises."""
+    for j in range(b.shape[0]):
+        tally[j] += (b[j] > bk) & wanted[j]
+
+
 @njit(parallel=True, **_JIT)
-def prune_by_noise_rate(P, order, starts, nonmax, pcm, min_examples_per_class, prec):
+def prune_by_noise_rate(P, B, order, starts, nonmax, pcm, min_examples_per_class, prec):
     """For each given class k and true class j != k, flag the ``pcm[j, k]``
     examples labeled k with the largest margin ``P[:, j] - P[:, k]`` (in the
     input's precision; equal margins in index order).
 
     Without sorting whole classes: a positive margin needs ``P[i, j] >
     P[i, k]``, so only rows whose label is not their maximum (``nonmax``) can
-    have one. Those rows are read once, row by row, and their positive
-    margins collected per cell. A cell with at least as many positive margins
+    have one. Those rows are read row by row (comparing bit patterns ``B``,
+    which order like the values), and their positive margins collected per
+    cell. A cell with at least as many positive margins
     as rows to prune is selected among them (O(count)); a cell with fewer
     (rare) is selected among all rows of the class.
     """
@@ -773,30 +782,28 @@ def prune_by_noise_rate(P, order, starts, nonmax, pcm, min_examples_per_class, p
         for j in range(K):
             wanted[j] = j != k and pcm[j, k] > 0
         # Count, then collect, the positive margins per cell (j).
-        count = np.zeros(K + 1, np.int64)
+        tally = np.zeros(K, np.int64)
         for t in range(n):
             i = order[lo + t]
             if nonmax[i]:
-                pk = _ld(P[i, k])
-                for j in range(K):
-                    if wanted[j] and _ld(P[i, j]) > pk:
-                        count[j + 1] += 1
+                _tally_above(B[i], B[i, k], wanted, tally)
+        count = np.zeros(K + 1, np.int64)
         for j in range(K):
-            count[j + 1] += count[j]
+            count[j + 1] = count[j] + tally[j]
         fill = count[:K].copy()
         keys = np.empty(count[K], np.float64)
         rows = np.empty(count[K], np.int64)
         for t in range(n):
             i = order[lo + t]
             if nonmax[i]:
+                b = B[i]
+                bk = b[k]
                 pk = _ld(P[i, k])
                 for j in range(K):
-                    if wanted[j]:
-                        v = _ld(P[i, j])
-                        if v > pk:
-                            keys[fill[j]] = -_rnd(v - pk, prec)
-                            rows[fill[j]] = i
-                            fill[j] += 1
+                    if b[j] > bk and wanted[j]:
+                        keys[fill[j]] = -_rnd(_ld(P[i, j]) - pk, prec)
+                        rows[fill[j]] = i
+                        fill[j] += 1
         for j in range(K):
             if not wanted[j]:
                 continue
@@ -931,3 +938,6 @@ def value_bits(values, dtype, direction):
     t = np.maximum(t, dtype.type(0))  # -0.0 -> +0.0
     ints = {2: np.uint16, 4: np.int32, 8: np.int64}[np.dtype(dtype).itemsize]
     return np.ascontiguousarray(t).view(ints)
+
+
+from service._kernels_wip import *  # noqa: E402,F401,F403  (WIP, moved back when done)
