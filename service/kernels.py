@@ -790,25 +790,40 @@ def prune_by_noise_rate(P, B, order, starts, nonmax, pcm, min_examples_per_class
         count = np.zeros(K + 1, np.int64)
         for j in range(K):
             count[j + 1] = count[j] + tally[j]
+        # Collect all cells' positive margins at once, unless they would take
+        # more than a few times the class's size (rows positive for many
+        # classes, e.g. near-uniform ones): then one cell at a time, so memory
+        # stays O(N).
+        at_once = count[K] <= 4 * n
         fill = count[:K].copy()
-        keys = np.empty(count[K], np.float64)
-        rows = np.empty(count[K], np.int64)
-        for t in range(n):
-            i = order[lo + t]
-            if nonmax[i]:
-                b = B[i]
-                bk = b[k]
-                pk = _ld(P[i, k])
-                for j in range(K):
-                    if b[j] > bk and wanted[j]:
-                        keys[fill[j]] = -_rnd(_ld(P[i, j]) - pk, prec)
-                        rows[fill[j]] = i
-                        fill[j] += 1
+        size = count[K] if at_once else n
+        keys = np.empty(size, np.float64)
+        rows = np.empty(size, np.int64)
+        if at_once:
+            for t in range(n):
+                i = order[lo + t]
+                if nonmax[i]:
+                    b = B[i]
+                    bk = b[k]
+                    pk = _ld(P[i, k])
+                    for j in range(K):
+                        if b[j] > bk and wanted[j]:
+                            keys[fill[j]] = -_rnd(_ld(P[i, j]) - pk, prec)
+                            rows[fill[j]] = i
+                            fill[j] += 1
         for j in range(K):
             if not wanted[j]:
                 continue
             m = pcm[j, k]
             a, b = count[j], count[j + 1]
+            if not at_once and b - a >= m:
+                a, b = 0, 0
+                for t in range(n):
+                    i = order[lo + t]
+                    if nonmax[i] and B[i, j] > B[i, k]:
+                        keys[b] = -_rnd(_ld(P[i, j]) - _ld(P[i, k]), prec)
+                        rows[b] = i
+                        b += 1
             if b - a >= m:
                 sel = _select_smallest(keys[a:b], m)
                 for t in range(b - a):
