@@ -2,12 +2,20 @@
 
 Each flag can also be set in the environment (``LABELQ_HOST``, ``LABELQ_PORT``,
 ``LABELQ_WORKERS``); flags win. Settings are validated before anything starts.
+
+Logs are JSON lines on stderr (:mod:`service.logs`). With several workers,
+metrics are kept in a fresh ``PROMETHEUS_MULTIPROC_DIR`` so that a scrape of
+any worker adds up all of them (:mod:`service.metrics`). On SIGTERM the server
+stops accepting connections, lets in-flight requests finish for up to
+``LABELQ_GRACE_SECONDS``, and exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
 
 from service.settings import PREFIX, Settings, SettingsError
@@ -33,15 +41,33 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
-    uvicorn.run(
-        "service.app:create_app",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=settings.workers,
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=30,
-    )
+    from service import logs, metrics
+
+    # uvicorn handles SIGTERM/SIGINT while it serves, then restores the handlers
+    # found here and re-raises the signal: after a graceful drain, exit 0 rather
+    # than die of the signal. Before uvicorn starts, a signal just ends the start.
+    serving = False
+
+    def _stopped(signum: int, frame: object) -> None:
+        if not serving:
+            raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, _stopped)
+    signal.signal(signal.SIGINT, _stopped)
+    multiproc = settings.workers > 1 or bool(os.environ.get(metrics.MULTIPROC_ENV))
+    with metrics.multiprocess_dir() if multiproc else contextlib.nullcontext():
+        serving = True
+        uvicorn.run(
+            "service.app:create_app",
+            factory=True,
+            host=settings.host,
+            port=settings.port,
+            workers=settings.workers,
+            log_level=settings.log_level,
+            log_config=logs.log_config(settings.log_level),
+            access_log=False,  # labelq logs one JSON line per request itself
+            timeout_graceful_shutdown=settings.grace_seconds,  # type: ignore[arg-type]
+        )
     return 0
 
 

@@ -227,6 +227,9 @@ def make_thresholds(spec: Any) -> Thresholds:
     return Thresholds(**out)
 
 
+_INT_LIMIT = 2**62  # integer options must fit the kernels' int64
+
+
 def _is_int(x: Any) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
@@ -242,7 +245,7 @@ def _check_options(o: Options) -> None:
         raise InputError(f"must be one of {', '.join(RANK_BY)}; got {o.rank_by!r}", "options.rank_by")
     if not _is_number(o.frac_noise) or not 0.0 <= float(o.frac_noise) <= 1.0:
         raise InputError(f"must be a number in [0, 1]; got {o.frac_noise!r}", "options.frac_noise")
-    if not _is_int(o.min_examples_per_class) or o.min_examples_per_class < 0:
+    if not _is_int(o.min_examples_per_class) or not 0 <= o.min_examples_per_class < _INT_LIMIT:
         raise InputError(
             f"must be an integer >= 0; got {o.min_examples_per_class!r}", "options.min_examples_per_class"
         )
@@ -271,7 +274,7 @@ def _check_options(o: Options) -> None:
         if isinstance(ntr, (str, bytes)) or not hasattr(ntr, "__len__"):
             raise InputError("must be a list of integers, one per class", "options.num_to_remove_per_class")
         for k, v in enumerate(ntr):
-            if not _is_int(v) or v < 0:
+            if not _is_int(v) or not 0 <= v < _INT_LIMIT:
                 raise InputError(f"must be an integer >= 0; got {v!r}", f"options.num_to_remove_per_class[{k}]")
 
 
@@ -385,15 +388,13 @@ def _thresholds(
     return t.astype(np.float64), _PREC[t.dtype], tcmp.astype(np.float64)
 
 
-def _categories(B, labels, tbits, argmax, selfconf, dtype, counts, starts, order, ood_percentile, chunks):
-    """Every example's category (codes into CATEGORIES), the counts per
-    category, and the out-of-distribution thresholds (float64, K). ``tbits``
-    are the class thresholds as the confident pass compared them, so ``ok``
-    and ``label_issue`` are exactly the rows it counted on and off the
-    diagonal."""
+def _ood_thresholds(selfconf, dtype, counts, starts, order, ood_percentile):
+    """The out-of-distribution thresholds of the categories (float64, K), and
+    their comparison bit patterns for the confident pass: an example is below
+    class j's threshold when ``P[i, j] < ood[j] - 1e-6`` (the class
+    thresholds' comparison, negated)."""
     ood, _, ocmp = _thresholds(selfconf, dtype, counts, starts, order, ood_percentile)
-    category, category_counts = kn.categorize(B, labels, tbits, kn.value_bits(ocmp, dtype, +1), argmax, chunks)
-    return category, category_counts, ood
+    return ood, kn.value_bits(ocmp, dtype, +1)
 
 
 def find_issues(labels: Any, pred_probs: Any, **options: Any) -> FindIssuesResult:
@@ -414,11 +415,13 @@ def find_issues(labels: Any, pred_probs: Any, **options: Any) -> FindIssuesResul
     labels_arr, P, dtype = check_inputs(labels, pred_probs)
     t1 = time.perf_counter()
     with _KERNEL_LOCK:
+        t_lock = time.perf_counter()
         if _threads is not None:
             numba.set_num_threads(_threads)
         result = _compute(labels_arr, P, dtype, opts)
     t2 = time.perf_counter()
-    result.timings = {"validate": t1 - t0, "kernel": t2 - t1}
+    # "queue" is the wait for the process's kernel lock (another request's kernels).
+    result.timings = {"validate": t1 - t0, "queue": t_lock - t1, "kernel": t2 - t_lock}
     return result
 
 
@@ -440,15 +443,22 @@ def _compute(labels: np.ndarray, P: np.ndarray, dtype: np.dtype, o: Options) -> 
         P, B, labels, float(o.prob_tolerance), ubits, prec, want_entropy, chunks
     )
     raise_for_problem(problem, float(o.prob_tolerance))
+    if want_entropy and (selfconf.max() > 1.0 or other.max() > 1.0):
+        # The reference refuses values above 1 for this score (its entropy is undefined there).
+        row = int(np.flatnonzero(np.maximum(selfconf, other) > 1.0)[0])
+        raise InputError(
+            f"row {row} has a value above 1, which rank_by='confidence_weighted_entropy' does not accept "
+            "(as in the reference); values within prob_tolerance above 1 are fine for the other scores",
+            f"pred_probs[{row}]",
+        )
 
     counts, starts, order = kn.class_index(labels, K)
     th = o.thresholds or Thresholds()
     thresholds, tprec, tcmp = _thresholds(selfconf, dtype, counts, starts, order, th.class_percentile)
-    # Pass 2: the confident joint.
-    tbits = kn.value_bits(tcmp, dtype, +1)
-    offdiag, cj_raw = kn.confident_pass(B, labels, tbits, argmax, chunks)
-    category, category_counts, ood_thresholds = _categories(
-        B, labels, tbits, argmax, selfconf, dtype, counts, starts, order, th.ood_percentile, chunks
+    ood_thresholds, obits = _ood_thresholds(selfconf, dtype, counts, starts, order, th.ood_percentile)
+    # Pass 2: the confident joint, and each example's category.
+    offdiag, cj_raw, category, category_counts = kn.confident_pass_categories(
+        B, labels, kn.value_bits(tcmp, dtype, +1), obits, argmax, chunks
     )
     np.fill_diagonal(cj_raw, np.maximum(np.diagonal(cj_raw), 1))
     cj = kn.calibrate_confident_joint(cj_raw, counts)

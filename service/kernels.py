@@ -955,4 +955,339 @@ def value_bits(values, dtype, direction):
     return np.ascontiguousarray(t).view(ints)
 
 
-from service._kernels_wip import *  # noqa: E402,F401,F403  (WIP, moved back when done)
+# --------------------------------------------------------------------------
+# Dataset health, out-of-distribution scores, percentile thresholds
+# --------------------------------------------------------------------------
+
+# cleanlab.internal.constants.EPSILON: the floor of the denominators in the
+# reference's class-level noise rates.
+EPSILON = 1e-6
+
+CATEGORY_OK, CATEGORY_LABEL_ISSUE, CATEGORY_OUT_OF_DISTRIBUTION, CATEGORY_UNCONFIDENT = 0, 1, 2, 3
+OOD_ENTROPY, OOD_LEAST_CONFIDENCE, OOD_GEN = 0, 1, 2
+
+_F16_ALL = np.arange(65536, dtype=np.uint16).view(np.float16)
+
+
+def f16_tables(gamma: float) -> np.ndarray:
+    """numpy's own float16 ``exp(x)`` and ``x ** gamma`` for every float16
+    ``x`` (indexed by bit pattern; ``gamma`` a Python float, cast to float16
+    as the reference's ``probs ** gamma`` casts it). numpy's float16 loops
+    are not always correctly rounded, and a float16 result has no slack to
+    hide a difference in, so the GEN score reads them from these tables.
+    float64, shape (2, 65536)."""
+    with np.errstate(all="ignore"):
+        return np.stack([np.exp(_F16_ALL), _F16_ALL ** float(gamma)]).astype(np.float64)
+
+
+@njit(inline="always", **_JIT)
+def _cast(x, prec):
+    """A Python float cast (once) to the working precision, as numpy casts a
+    Python scalar operand to an array's dtype."""
+    if prec == PREC64:
+        return x
+    if prec == PREC32:
+        return np.float64(np.float32(x))
+    return _round_f16(x)
+
+
+@njit(inline="always", **_JIT)
+def _f16_bits(x):
+    """Bit pattern of a non-negative finite float16 value held as float64."""
+    if x < 2.0**-14:
+        return np.int64(x * 2.0**24)
+    m, e = math.frexp(x)
+    return np.int64((e + 14) * 1024 + np.int64((m * 2.0 - 1.0) * 1024.0))
+
+
+@njit(**_JIT)
+def _select_in_place(a, k):
+    """Reorder ``a`` so that ``a[k]`` is its k-th smallest value, nothing
+    before it larger and nothing after it smaller (quickselect, median of
+    three, Hoare partition); returns ``a[k]``. O(n) expected, no copy. Input
+    crafted against median-of-three could make quickselect quadratic, so
+    after 64 rounds the range left is merge-sorted instead: O(n log n) at
+    worst (numba's own np.partition has no such bound)."""
+    lo, hi = 0, a.shape[0] - 1
+    rounds = 0
+    while hi > lo:
+        rounds += 1
+        if rounds > 64:
+            rest = a[lo : hi + 1].copy()
+            a[lo : hi + 1] = rest[np.argsort(rest, kind="mergesort")]
+            break
+        mid = (lo + hi) // 2
+        if a[mid] < a[lo]:
+            a[mid], a[lo] = a[lo], a[mid]
+        if a[hi] < a[lo]:
+            a[hi], a[lo] = a[lo], a[hi]
+        if a[hi] < a[mid]:
+            a[hi], a[mid] = a[mid], a[hi]
+        pivot = a[mid]
+        i, j = lo, hi
+        while i <= j:
+            while a[i] < pivot:
+                i += 1
+            while a[j] > pivot:
+                j -= 1
+            if i <= j:
+                a[i], a[j] = a[j], a[i]
+                i += 1
+                j -= 1
+        if k <= j:
+            hi = j
+        elif k >= i:
+            lo = i
+        else:  # between the two parts: equal to the pivot
+            break
+    return a[k]
+
+
+@njit(parallel=True, **_JIT)
+def class_percentiles(values, order, starts, q, prec):
+    """``np.percentile(values[labels == k], q)`` per class with numpy's
+    default ('linear') method and ``q`` a Python number, computed as numpy
+    does in the input's precision ``prec``.
+
+    ``values``: float64 (N,), ``P[i, labels[i]]`` (exact values of the input
+    dtype); ``order``/``starts``: from :func:`class_index`. numpy takes the
+    order statistics at ``floor(v)`` and ``floor(v) + 1`` for ``v = (n - 1) *
+    (q / 100)`` (the largest value when ``v >= n - 1``), and interpolates
+    ``a + (b - a) * g`` for ``g < 0.5``, else ``b - (b - a) * (1 - g)``, every
+    operation in the input's dtype (``g`` cast to it). Classes with no
+    examples get NaN (callers substitute). float64 (K,).
+    """
+    K = starts.shape[0] - 1
+    out = np.full(K, np.nan)
+    frac = q / 100.0
+    for k in prange(K):
+        n = starts[k + 1] - starts[k]
+        if n == 0:
+            continue
+        vals = np.empty(n, np.float64)
+        for t in range(n):
+            vals[t] = values[order[starts[k] + t]]
+        v = (n - 1) * frac
+        if v >= n - 1:
+            out[k] = vals.max()
+            continue
+        lo = np.int64(math.floor(v))
+        a = _select_in_place(vals, lo)
+        b = vals[lo + 1 :].min()
+        g = v - lo
+        d = _rnd(b - a, prec)
+        if g >= 0.5:
+            out[k] = _rnd(b - _rnd(d * _cast(1.0 - g, prec), prec), prec)
+        else:
+            out[k] = _rnd(a + _rnd(d * _cast(g, prec), prec), prec)
+    return out
+
+
+@njit(parallel=True, **_JIT)
+def confident_pass_categories(B, labels, tbits, obits, argmax, n_chunks):
+    """:func:`confident_pass`, and each example's category, in one parallel pass.
+
+    ``tbits``: the class thresholds as ``confident_pass`` takes them;
+    ``obits``: the out-of-distribution thresholds the same way (bit patterns
+    of ``ood_thresholds - 1e-6`` rounded up). A row counted in the confident
+    joint is CATEGORY_OK on its diagonal and CATEGORY_LABEL_ISSUE off it; a
+    row counted nowhere is CATEGORY_OUT_OF_DISTRIBUTION when every value is
+    below its class's out-of-distribution threshold (``P[i, j] < ood[j] -
+    1e-6`` for all j), else CATEGORY_UNCONFIDENT.
+
+    Returns ``(offdiag, cj, category, counts)``: ``offdiag`` and ``cj`` as
+    ``confident_pass`` returns them; int8 (N,); int64 (4,) indexed by category.
+    """
+    N, K = B.shape
+    offdiag = np.zeros(N, np.bool_)
+    category = np.empty(N, np.int8)
+    joint = np.zeros((n_chunks, K, K), np.int64)
+    tally = np.zeros((n_chunks, 4), np.int64)
+    size = (N + n_chunks - 1) // n_chunks
+    for c in prange(n_chunks):
+        for i in range(c * size, min(N, (c + 1) * size)):
+            b = B[i]
+            nconf = _count_at_least(b, tbits)
+            if nconf > 0:
+                y = labels[i]
+                g = argmax[i] if nconf > 1 else _first_at_least(b, tbits)
+                joint[c, y, g] += 1
+                offdiag[i] = g != y
+                v = CATEGORY_LABEL_ISSUE if g != y else CATEGORY_OK
+            elif _count_at_least(b, obits) == 0:
+                v = CATEGORY_OUT_OF_DISTRIBUTION
+            else:
+                v = CATEGORY_UNCONFIDENT
+            category[i] = v
+            tally[c, v] += 1
+    cj = np.zeros((K, K), np.int64)
+    counts = np.zeros(4, np.int64)
+    for c in range(n_chunks):
+        cj += joint[c]
+        counts += tally[c]
+    return offdiag, cj, category, counts
+
+
+@njit(**_JIT)
+def class_label_quality(joint, n_examples):
+    """cleanlab's ``rank_classes_by_label_quality`` from the joint (K, K)
+    float64 (rows given label, columns true label) and N.
+
+    Per class k: label issues ``round((row_k - joint[k, k]) * N)``, inverse
+    label issues the same with column sums, label noise ``(row_k -
+    joint[k, k]) / max(row_k, 1e-6)``, inverse label noise likewise with the
+    column, label quality ``1 - label noise``; row sums pairwise and column
+    sums row after row, as numpy sums them. Returns ``(order, issues,
+    inverse_issues, noise, inverse_noise, quality)``, each (K,) and already
+    in ``order``: classes by label quality ascending, equal scores in class
+    order (a stable sort).
+    """
+    K = joint.shape[0]
+    rows = _row_sums(joint)
+    cols = _col_sums(joint)
+    issues = np.empty(K, np.int64)
+    inverse_issues = np.empty(K, np.int64)
+    noise = np.empty(K, np.float64)
+    inverse_noise = np.empty(K, np.float64)
+    quality = np.empty(K, np.float64)
+    for k in range(K):
+        given = rows[k] - joint[k, k]
+        true = cols[k] - joint[k, k]
+        issues[k] = np.int64(np.rint(given * n_examples))
+        inverse_issues[k] = np.int64(np.rint(true * n_examples))
+        noise[k] = given / max(rows[k], EPSILON)
+        inverse_noise[k] = true / max(cols[k], EPSILON)
+        quality[k] = 1.0 - noise[k]
+    order = np.argsort(quality, kind="mergesort")
+    return order, issues[order], inverse_issues[order], noise[order], inverse_noise[order], quality[order]
+
+
+@njit(**_JIT)
+def overlapping_pairs(joint, n_examples, asymmetric):
+    """cleanlab's ``find_overlapping_classes`` from the joint (K, K) float64.
+
+    Symmetric: every pair a < b with ``joint[a, b] + joint[b, a]``;
+    asymmetric: every ordered pair a != b with ``joint[a, b]``. Returns
+    ``(a, b, num_overlapping, joint_probability)`` sorted by joint
+    probability descending, equal values in row-major pair order (a stable
+    sort); ``num_overlapping = round(p * N)``.
+    """
+    K = joint.shape[0]
+    m = K * (K - 1) if asymmetric else K * (K - 1) // 2
+    a = np.empty(m, np.int64)
+    b = np.empty(m, np.int64)
+    p = np.empty(m, np.float64)
+    t = 0
+    for i in range(K):
+        for j in range(K):
+            if asymmetric:
+                if i == j:
+                    continue
+                v = joint[i, j]
+            else:
+                if j <= i:
+                    continue
+                v = joint[i, j] + joint[j, i]
+            a[t], b[t], p[t] = i, j, v
+            t += 1
+    order = np.argsort(-p, kind="mergesort")
+    num = np.empty(m, np.int64)
+    for t in range(m):
+        num[t] = np.int64(np.rint(p[order[t]] * n_examples))
+    return a[order], b[order], num, p[order]
+
+
+@njit(inline="always", **_JIT)
+def _normalized_entropy(row, buf, K, prec, log_k):
+    """``-sum(xlogy(p, p)) / log(K)`` of one row as the reference computes it:
+    scipy's xlogy runs float32 in float32 and float16 in float64, numpy sums
+    pairwise in that precision, the division is float64."""
+    eprec = PREC64 if prec == PREC16 else prec
+    for j in range(K):
+        v = row[j]
+        if v == 0.0:
+            buf[j] = 0.0
+        elif eprec == PREC32:
+            v32 = np.float32(v)
+            buf[j] = np.float64(v32 * math.log(v32))
+        else:
+            buf[j] = v * math.log(v)
+    return -_pairwise(buf, 0, K, eprec) / log_k
+
+
+@njit(inline="always", **_JIT)
+def _gen_score(row, buf, K, M, gamma, prec, f16):
+    """The GEN score ``1 - sum(q**gamma * (1 - q)**gamma) / M`` over the M
+    largest ``q`` of ``softmax(row)``, every operation in precision ``prec``
+    (``gamma`` already cast to it). float16 exp and powers come from numpy's
+    own tables ``f16`` (:func:`f16_tables`); ``row`` is overwritten."""
+    acc = PREC32 if prec == PREC16 else prec
+    for j in range(K):
+        if prec == PREC16:
+            buf[j] = f16[0, _f16_bits(row[j])]
+        else:
+            buf[j] = _rnd(math.exp(row[j]), prec)
+    s = _rnd(_pairwise(buf, 0, K, acc), prec)
+    for j in range(K):
+        row[j] = _rnd(buf[j] / s, prec)
+    row.sort()
+    m = min(M, K)
+    for t in range(m):
+        q = row[K - m + t]
+        r = _rnd(1.0 - q, prec)
+        if prec == PREC16:
+            buf[t] = _rnd(f16[1, _f16_bits(q)] * f16[1, _f16_bits(r)], prec)
+        else:
+            buf[t] = _rnd(_rnd(q**gamma, prec) * _rnd(r**gamma, prec), prec)
+    tot = _rnd(_pairwise(buf, 0, m, acc), prec)
+    return _rnd(1.0 - _rnd(tot / _cast(np.float64(M), prec), prec), prec)
+
+
+@njit(parallel=True, **_JIT)
+def ood_scores(P, method, adjust, thresholds, tprec, prec, M, gamma, f16, n_chunks):
+    """Out-of-distribution scores from predicted probabilities (cleanlab's
+    ``OutOfDistribution`` with ``pred_probs``); lower is more atypical.
+
+    ``P``: (N, K) as everywhere here. With ``adjust``, each row is first
+    replaced by ``(p - t + max(t)) / sum(...)`` in the thresholds' precision
+    ``tprec`` (``thresholds``: float64 (K,)), as for label quality scores;
+    the scores are then computed in that precision, else in the input's
+    ``prec``. ``method``:
+
+    - OOD_ENTROPY: ``1 - normalized entropy``.
+    - OOD_LEAST_CONFIDENCE: the row maximum.
+    - OOD_GEN: ``1 - sum(q**gamma * (1 - q)**gamma) / M`` over the M largest
+      ``q`` of ``softmax(row)`` (the reference applies softmax to the
+      probabilities themselves). ``gamma`` is cast to the working precision;
+      for float16, ``f16`` is :func:`f16_tables` ``(gamma)`` (else unused).
+
+    Returns float64 (N,).
+    """
+    N, K = P.shape
+    out = np.empty(N, np.float64)
+    wp = tprec if adjust else prec
+    acc = PREC32 if wp == PREC16 else wp
+    tmax = thresholds.max() if adjust else 0.0
+    log_k = math.log(K)
+    g = _cast(gamma, wp)
+    size = (N + n_chunks - 1) // n_chunks
+    for c in prange(n_chunks):
+        row = np.empty(K, np.float64)
+        buf = np.empty(K, np.float64)
+        for i in range(c * size, min(N, (c + 1) * size)):
+            if adjust:
+                for j in range(K):
+                    row[j] = _rnd(_rnd(_ld(P[i, j]) - thresholds[j], wp) + tmax, wp)
+                s = _rnd(_pairwise(row, 0, K, acc), wp)
+                for j in range(K):
+                    row[j] = _rnd(row[j] / s, wp)
+            else:
+                for j in range(K):
+                    row[j] = _ld(P[i, j])
+            if method == OOD_ENTROPY:
+                out[i] = 1.0 - _normalized_entropy(row, buf, K, wp, log_k)
+            elif method == OOD_LEAST_CONFIDENCE:
+                out[i] = row.max()
+            else:
+                out[i] = _gen_score(row, buf, K, M, g, wp, f16)
+    return out

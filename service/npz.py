@@ -30,8 +30,9 @@ class MalformedNpz(LabelqError):
     type = "https://labelq.invalid/problems/malformed-body"
 
 
-def read_request(body: bytes, max_cells: int) -> dict[str, np.ndarray]:
-    """Parse an npz request body into ``{"labels": ..., "pred_probs": ...}``.
+def read_request(body: bytes, max_cells: int, optional: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """Parse an npz request body into ``{"labels": ..., "pred_probs": ...}``;
+    an array named in ``optional`` may be absent (and is then not in the dict).
 
     Raises:
         MalformedNpz (400): not a zip archive, corrupt or truncated members.
@@ -48,9 +49,9 @@ def read_request(body: bytes, max_cells: int) -> dict[str, np.ndarray]:
         if name not in REQUIRED:
             raise InputError(f"unexpected array {name!r}; an npz request holds exactly: labels, pred_probs", name)
     for name in REQUIRED:
-        if name not in members:
+        if name not in members and name not in optional:
             raise InputError(f"the npz has no array {name!r}", name)
-    return {name: _read_member(archive, members[name], name, max_cells) for name in REQUIRED}
+    return {name: _read_member(archive, members[name], name, max_cells) for name in REQUIRED if name in members}
 
 
 def _read_member(archive: zipfile.ZipFile, member: str, name: str, max_cells: int) -> np.ndarray:
@@ -93,14 +94,15 @@ def _read_member(archive: zipfile.ZipFile, member: str, name: str, max_cells: in
 
 
 def write_response(fields: dict[str, Any]) -> bytes:
-    """One npz holding every field; nested dicts are flattened (their keys are unique)."""
+    """One npz holding every field; nested dicts are flattened (their keys are
+    unique), and fields that are None (absent, JSON null) are left out."""
     flat: dict[str, np.ndarray] = {}
 
     def add(d: dict[str, Any]) -> None:
         for key, value in d.items():
             if isinstance(value, dict):
                 add(value)
-            else:
+            elif value is not None:
                 flat[key] = np.asarray(value)
 
     add(fields)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 PREFIX = "LABELQ_"
+#: What an `X-Labelq-Dataset` value must look like to become a metric label value.
+DATASET_TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 
 
 class Settings(BaseModel):
@@ -29,6 +32,35 @@ class Settings(BaseModel):
     )
     log_level: str = Field("info", pattern="^(critical|error|warning|info|debug)$", description="Log level.")
     warmup: bool = Field(True, description="Compile/load the kernels before reporting ready.")
+    grace_seconds: float = Field(
+        30, gt=0, le=3600, description="On SIGTERM, how long in-flight requests may take to finish before exit."
+    )
+    dataset_tags: tuple[str, ...] = Field(
+        (),
+        description="Allowed `X-Labelq-Dataset` values for the metrics' `dataset` label (comma-separated); "
+        "others are `other`. Empty: the first `dataset_tag_limit` distinct values are kept.",
+    )
+    dataset_tag_limit: int = Field(
+        20, ge=0, le=1000, description="Without `dataset_tags`: how many distinct dataset tags a process keeps."
+    )
+
+    @field_validator("dataset_tags", mode="before")
+    @classmethod
+    def _split_tags(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [t.strip() for t in value.split(",") if t.strip()]
+        return value
+
+    @field_validator("dataset_tags")
+    @classmethod
+    def _check_tags(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for tag in value:
+            if not DATASET_TAG.fullmatch(tag) or tag in ("none", "other"):
+                raise ValueError(
+                    f"{tag!r} is not a dataset tag: 1 to 64 of A-Z a-z 0-9 _ . : - starting with a letter or digit, "
+                    "not 'none' or 'other'"
+                )
+        return value
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:

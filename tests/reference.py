@@ -80,3 +80,47 @@ def ranking(issue_mask, labels, P, *, rank_by, adjust_pred_probs, stable=True):
         return rank.order_label_issues(
             issue_mask, labels, P, rank_by=rank_by, rank_by_kwargs={"adjust_pred_probs": adjust_pred_probs}
         )
+
+
+@contextlib.contextmanager
+def stable_frame_sorts(stable: bool = True):
+    """Stable sorts, also in pandas: ``DataFrame.sort_values`` sorts with its
+    own default (quicksort) through ``ndarray.argsort``, which ``stable_sorts``
+    cannot reach."""
+    import pandas as pd
+
+    if not stable:
+        yield
+        return
+    original = pd.DataFrame.sort_values
+
+    def sort_values(self, *args, **kwargs):
+        kwargs["kind"] = "stable"
+        return original(self, *args, **kwargs)
+
+    with stable_sorts(), mock.patch.object(pd.DataFrame, "sort_values", sort_values):
+        yield
+
+
+def health_summary(labels, P, *, asymmetric=False, class_names=None, stable=True):
+    """``cleanlab.dataset.health_summary`` without printing, its tables as dicts of arrays."""
+    from cleanlab.dataset import health_summary as summary
+
+    with stable_frame_sorts(stable), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = summary(labels, P, asymmetric=asymmetric, class_names=class_names, verbose=False)
+    return {
+        "overall_label_health_score": out["overall_label_health_score"],
+        "joint": out["joint"],
+        "classes_by_label_quality": {k: v.to_numpy() for k, v in out["classes_by_label_quality"].items()},
+        "overlapping_classes": {k: v.to_numpy() for k, v in out["overlapping_classes"].items()},
+    }
+
+
+def ood_scores(P, labels=None, **params):
+    """``OutOfDistribution(params).fit_score(pred_probs=P, labels=labels)``, quietly."""
+    from cleanlab.outlier import OutOfDistribution
+
+    with warnings.catch_warnings(), mock.patch("builtins.print"):
+        warnings.simplefilter("ignore")
+        return OutOfDistribution(params).fit_score(pred_probs=P, labels=labels, verbose=False)

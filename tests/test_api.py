@@ -75,7 +75,7 @@ def test_response_equals_in_process_api(client, options):
     np.testing.assert_array_equal(got["label_quality_score"], want.label_quality_score)  # exact round trip
     noise = got["noise"]
     assert set(noise) == {
-        "thresholds", "confident_joint", "joint", "noise_matrix", "inverse_noise_matrix", "py",
+        "thresholds", "ood_thresholds", "confident_joint", "joint", "noise_matrix", "inverse_noise_matrix", "py",
         "estimated_num_label_issues",
     }
     for name in ("thresholds", "confident_joint", "joint", "noise_matrix", "inverse_noise_matrix", "py"):
@@ -121,12 +121,12 @@ def test_health_and_openapi(client):
     assert op["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/FindIssuesRequest")
     assert {"200", "400", "413", "415", "422"} <= set(op["responses"])
     schemas = spec["components"]["schemas"]
-    for name in ("FindIssuesRequest", "FindIssuesOptions", "FindIssuesResponse", "NoiseEstimates"):
+    for name in ("FindIssuesRequest", "FindIssuesOptions", "ThresholdsOptions", "FindIssuesResponse", "NoiseEstimates"):
         for field, prop in schemas[name]["properties"].items():
             assert prop.get("description"), f"{name}.{field} is undocumented"
     assert set(schemas["FindIssuesResponse"]["properties"]) == {
         "n_examples", "n_classes", "num_label_issues", "is_label_issue", "label_quality_score",
-        "suggested_label", "ranked_issue_indices", "noise",
+        "suggested_label", "ranked_issue_indices", "category", "category_counts", "noise",
     }
 
 
