@@ -167,7 +167,7 @@ class Stage:
     name: str
     duration: float  # seconds
     users: int
-    mix: dict[str, int]  # shape -> weight
+    mix: dict[str, int]  # shape -> weight (empty: a drain, with no users)
     rate: float | None = None  # total requests/s over all users (paced); None = closed loop
     settle: float = 0.0  # seconds at the start left out of the stage's statistics
 
@@ -202,7 +202,13 @@ class Profile:
 
 
 def _steps(shape: str, users: list[int], seconds: float, mix: dict[str, int] | None = None) -> list[Stage]:
-    return [Stage(f"{shape}@{u}", seconds, u, mix or {shape: 1}, None, settle=min(5.0, seconds / 4)) for u in users]
+    """Closed-loop steps of ``users`` for one shape (or mix), after a drain: every
+    user of the previous block finishes its request and stops before the next block
+    starts, so that no request of this block overlaps one of the last."""
+    drain = Stage(f"drain-before-{shape}", 10.0, 0, {}, None, settle=10.0)
+    return [drain] + [
+        Stage(f"{shape}@{u}", seconds, u, mix or {shape: 1}, None, settle=min(5.0, seconds / 4)) for u in users
+    ]
 
 
 #: Measured saturation of the "mixed" traffic with one worker on the 2-core machine (README, "Load and soak").

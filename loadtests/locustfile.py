@@ -186,7 +186,7 @@ class LabelqUser(FastHttpUser):
     def wait_time(self) -> float:
         """Paced to the stage's rate (each user 1/users of it), or no wait (closed loop)."""
         stage = PROFILE.stages[REC.stage_at(SHAPE_INSTANCE.get_run_time() if SHAPE_INSTANCE else 0.0)]
-        if stage.rate is None:
+        if stage.rate is None or not stage.users:
             return 0.0
         interval = stage.users / stage.rate
         # random phase per request keeps the users from sending in lock-step
@@ -196,6 +196,9 @@ class LabelqUser(FastHttpUser):
     def find_issues(self) -> None:
         self._last_start = time.perf_counter()
         stage = PROFILE.stages[REC.stage_at(SHAPE_INSTANCE.get_run_time() if SHAPE_INSTANCE else 0.0)]
+        if not stage.mix:  # a drain: this user is about to be stopped
+            gevent.sleep(0.2)
+            return
         names = list(stage.mix)
         name = names[0] if len(names) == 1 else self._rng.choices(names, weights=[stage.mix[n] for n in names])[0]
         p = PAYLOADS[name]

@@ -291,13 +291,17 @@ def summarize(profile: Profile, raw: dict[str, Any], samples: list[dict[str, Any
             total += done
             row["shapes"][name] = {
                 "requests": done, "failures": failures[i].get(name, 0),
-                "rps": round(done / measured, 2), **latency_stats(lat),
+                "rps": round(done / measured, 2) if measured > 0 else 0.0, **latency_stats(lat),
                 "server_timing_ms": timing_breakdown(timing[i].get(name, {}), lat),
             }
-        row["rps"] = round(total / measured, 2)
-        if stage_starts[i] is not None:
+        row["rps"] = round(total / measured, 2) if measured > 0 else 0.0
+        if stage_starts[i] is not None and measured > 0:
             row["usage"] = usage(samples, stage_starts[i] + st.settle, stage_starts[i] + st.duration)
-        stages.append(row)
+            if row["rps"] and "server_cores" in row["usage"]:
+                # CPU the server spent per request: capacity that does not depend on what else the machine runs
+                row["usage"]["server_cpu_ms_per_request"] = round(row["usage"]["server_cores"] * 1000 / row["rps"], 2)
+        if st.mix:
+            stages.append(row)
 
     per_shape = {}
     for name in shapes:
@@ -415,13 +419,14 @@ def print_summary(s: dict[str, Any]) -> None:
     print(f"\n== {s['profile']}: {'PASSED' if s['passed'] else 'FAILED'} "
           f"({s['target']}, workers={s.get('workers')}, threads={s.get('threads')})")
     print(f"{'stage':<16}{'users':>6}{'shape':>13}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'fail':>6}"
-          f"{'srv cpu':>9}{'cli cpu':>9}{'other':>7}")
+          f"{'srv cpu':>9}{'cli cpu':>9}{'other':>7}{'cpu ms/req':>11}")
     for st in s["stages"]:
         u = st.get("usage", {})
         for name, sh in st["shapes"].items():
             print(f"{st['name']:<16}{st['users']:>6}{name:>13}{sh['rps']:>9.1f}{sh['p50_ms'] or 0:>9.1f}"
                   f"{sh['p99_ms'] or 0:>9.1f}{sh['failures']:>6}{u.get('server_cores', 0):>9.2f}"
-                  f"{u.get('client_cores', 0):>9.2f}{u.get('others_cores', 0):>7.2f}")
+                  f"{u.get('client_cores', 0):>9.2f}{u.get('others_cores', 0):>7.2f}"
+                  f"{u.get('server_cpu_ms_per_request', 0):>11.1f}")
     for block, k in s["knees"].items():
         print(f"knee[{block}]: {k['knee']['users']} users {k['knee']['rps']} req/s; "
               f"saturation {k['saturation']['rps']} req/s at {k['saturation']['users']} users")

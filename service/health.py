@@ -200,14 +200,14 @@ def _locked(compute: Any, t0: float, *args: Any) -> Any:
 
 def _first_pass(labels: np.ndarray, P: np.ndarray, dtype: np.dtype, tolerance: float) -> tuple:
     """find_issues' first pass: validate every value and row, and collect
-    (argmax, label_is_max, selfconf)."""
+    (argmax, label_is_max, selfconf, other)."""
     chunks = core._n_chunks(P.shape[0])
     ubits = kn.value_bits([1.0 + tolerance], dtype, -1)[0]
-    problem, argmax, label_is_max, selfconf, _, _ = kn.row_stats(
+    problem, argmax, label_is_max, selfconf, other, _ = kn.row_stats(
         P, core._as_bits(P), labels, tolerance, ubits, core._PREC[dtype], False, chunks
     )
     core.raise_for_problem(problem, tolerance)
-    return argmax, label_is_max, selfconf
+    return argmax, label_is_max, selfconf, other
 
 
 # --------------------------------------------------------------------------
@@ -248,7 +248,7 @@ def _health(
     labels: np.ndarray, P: np.ndarray, dtype: np.dtype, tolerance: float, names: list[str] | None, asymmetric: bool
 ) -> DatasetHealthResult:
     N, K = P.shape
-    argmax, label_is_max, selfconf = _first_pass(labels, P, dtype, tolerance)
+    argmax, label_is_max, selfconf, _ = _first_pass(labels, P, dtype, tolerance)
     # The calibrated confident joint and the off-diagonal issue count, as find_issues computes them.
     counts, starts, order = kn.class_index(labels, K)
     _, _, tcmp = core._thresholds(selfconf, dtype, counts, starts, order)
@@ -364,7 +364,15 @@ def _ood(
 ) -> OutOfDistributionResult:
     N, K = P.shape
     # Without labels the first pass only validates (label 0 stands in).
-    _, _, selfconf = _first_pass(np.zeros(N, np.int64) if labels is None else labels, P, dtype, tolerance)
+    _, _, selfconf, other = _first_pass(np.zeros(N, np.int64) if labels is None else labels, P, dtype, tolerance)
+    if method == "entropy" and not adjust and (selfconf.max() > 1.0 or other.max() > 1.0):
+        # The reference refuses values above 1 for the entropy (undefined there); adjusted rows never have them.
+        row = int(np.flatnonzero(np.maximum(selfconf, other) > 1.0)[0])
+        raise InputError(
+            f"row {row} has a value above 1, which method='entropy' without adjust_pred_probs does not accept "
+            "(as in the reference); values within prob_tolerance above 1 are fine otherwise",
+            f"pred_probs[{row}]",
+        )
     thresholds, tprec = np.zeros(K), kn.PREC64
     if adjust and given is not None:
         thresholds, tprec = given[0], core._PREC[np.result_type(dtype, given[1])]

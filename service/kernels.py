@@ -1197,7 +1197,7 @@ def overlapping_pairs(joint, n_examples, asymmetric):
     return a[order], b[order], num, p[order]
 
 
-@njit(inline="always", **_JIT)
+@njit(**_JIT)
 def _normalized_entropy(row, buf, K, prec, log_k):
     """``-sum(xlogy(p, p)) / log(K)`` of one row as the reference computes it:
     scipy's xlogy runs float32 in float32 and float16 in float64, numpy sums
@@ -1215,7 +1215,7 @@ def _normalized_entropy(row, buf, K, prec, log_k):
     return -_pairwise(buf, 0, K, eprec) / log_k
 
 
-@njit(inline="always", **_JIT)
+@njit(**_JIT)
 def _gen_score(row, buf, K, M, gamma, prec, f16):
     """The GEN score ``1 - sum(q**gamma * (1 - q)**gamma) / M`` over the M
     largest ``q`` of ``softmax(row)``, every operation in precision ``prec``

@@ -141,6 +141,24 @@ def test_given_confident_thresholds_score_new_data_as_the_reference(dtype):
             np.testing.assert_allclose(ours.ood_score, ref, rtol=rtol(dtype), err_msg=f"{method} {given.dtype}")
 
 
+def test_values_within_tolerance_above_one():
+    """A value of 1.0004 is accepted as by /find-issues (the reference's input
+    check refuses it when adjusting), except by the unadjusted entropy, which
+    the reference refuses too."""
+    labels = np.array([0, 1, 0, 1])
+    P = np.array([[1.0004, 0.0], [0.3, 0.7], [0.6, 0.4], [0.2, 0.8]])
+    for method in ("least_confidence", "gen"):  # unchecked by the reference without adjustment
+        ours = out_of_distribution(P, method=method, adjust_pred_probs=False)
+        want = reference.ood_scores(P, method=method, adjust_pred_probs=False)
+        np.testing.assert_allclose(ours.ood_score, want, rtol=1e-9)
+    for method in ("entropy", "least_confidence", "gen"):
+        scores = out_of_distribution(P, labels, method=method).ood_score
+        assert np.isfinite(scores).all() and (scores >= 0).all() and (scores <= 1).all()
+    with pytest.raises(InputError) as exc:
+        out_of_distribution(P, adjust_pred_probs=False)
+    assert exc.value.field == "pred_probs[0]"
+
+
 def test_scores_without_labels_when_not_adjusted():
     _, P = datasets.make(datasets.Spec(seed=43, n=300, k=4, dtype="float32"))
     ours = out_of_distribution(P, adjust_pred_probs=False, method="least_confidence")
@@ -184,6 +202,9 @@ def test_health_of_a_clean_dataset():
         (lambda L, P: out_of_distribution(P, L + 5), "labels[0]"),
         (lambda L, P: out_of_distribution(P[:, :1], adjust_pred_probs=False), "pred_probs"),
         (lambda L, P: out_of_distribution(np.where(P > 0.5, np.nan, P), adjust_pred_probs=False), "pred_probs[0][0]"),
+        # The reference's entropy refuses values above 1 (other methods, and adjusted rows, are fine).
+        (lambda L, P: out_of_distribution(np.vstack([P[:1], [[1.0004, 0, 0]], P[2:]]), adjust_pred_probs=False),
+         "pred_probs[1]"),
     ],
 )
 def test_in_process_errors_name_the_field(call, field):
