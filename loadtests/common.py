@@ -212,7 +212,7 @@ def _steps(shape: str, users: list[int], seconds: float, mix: dict[str, int] | N
 
 
 #: Measured saturation of the "mixed" traffic with one worker on the 2-core machine (README, "Load and soak").
-MIXED_SATURATION_RPS = 60.0
+MIXED_SATURATION_RPS = 31.6
 
 
 def profiles(rate: float | None = None, duration: float | None = None) -> dict[str, Profile]:
