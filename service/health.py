@@ -377,7 +377,8 @@ def _ood(
     if adjust and given is not None:
         thresholds, tprec = given[0], core._PREC[np.result_type(dtype, given[1])]
     elif adjust:
-        assert labels is not None
+        if labels is None:
+            raise InputError("adjust_pred_probs needs labels (or confident_thresholds)", "labels")
         counts, starts, order = kn.class_index(labels, K)
         thresholds, tprec, _ = core._thresholds(selfconf, dtype, counts, starts, order)
     precision = tprec if adjust else core._PREC[dtype]

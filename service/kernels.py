@@ -286,17 +286,7 @@ def _entropy_score(row, K, sc, prec, log_k):
     """cleanlab's confidence-weighted entropy score of one row (``row`` is
     overwritten). scipy's xlogy computes float32 input in float32 (float32
     log) and float16 input in float64."""
-    eprec = PREC64 if prec == PREC16 else prec
-    for j in range(K):
-        v = row[j]
-        if v == 0.0:
-            row[j] = 0.0
-        elif eprec == PREC32:
-            v32 = np.float32(v)
-            row[j] = np.float64(v32 * math.log(v32))
-        else:
-            row[j] = v * math.log(v)
-    ent = -_pairwise(row, 0, K, eprec) / log_k
+    ent = _normalized_entropy(row, row, K, prec, log_k)
     q = ent / max(sc, _rnd(CLIPPING_LOWER_BOUND, prec))
     return math.log(q + 1.0) / max(q, CLIPPING_LOWER_BOUND)
 
