@@ -379,6 +379,12 @@ def _thresholds(
         means = kn.class_means(selfconf, order, starts, _PREC[dtype])
     else:
         means = kn.class_percentiles(selfconf, order, starts, float(percentile), _PREC[dtype])
+    return finish_thresholds(means, counts, dtype)
+
+
+def finish_thresholds(means: np.ndarray, counts: np.ndarray, dtype: np.dtype):
+    """Per-class statistics (NaN for a class with no examples) into thresholds:
+    see :func:`_thresholds`, which this ends."""
     if (counts > 0).all():
         t = means.astype(dtype)
     else:
@@ -460,14 +466,11 @@ def _compute(labels: np.ndarray, P: np.ndarray, dtype: np.dtype, o: Options) -> 
     offdiag, cj_raw, category, category_counts = kn.confident_pass_categories(
         B, labels, kn.value_bits(tcmp, dtype, +1), obits, argmax, chunks
     )
-    np.fill_diagonal(cj_raw, np.maximum(np.diagonal(cj_raw), 1))
-    cj = kn.calibrate_confident_joint(cj_raw, counts)
-    joint = cj / max(float(cj.sum()), kn.TINY_VALUE)
-    py, noise_matrix, inverse_noise_matrix = kn.estimate_latent(cj, counts)
-
     # num_label_issues(estimation_method="off_diagonal")
     cl_issues = offdiag & ~label_is_max
     estimated = int(cl_issues.sum())
+    noise = noise_estimates(cj_raw, counts, thresholds, ood_thresholds, estimated)
+    cj = noise.confident_joint
 
     def unadjusted(method: int) -> np.ndarray:
         if method == kn.SELF_CONFIDENCE:
@@ -478,10 +481,7 @@ def _compute(labels: np.ndarray, P: np.ndarray, dtype: np.dtype, o: Options) -> 
 
     fb = o.filter_by
     if fb in PRUNE_METHODS:
-        pcm = kn.keep_at_least_n_per_class(np.ascontiguousarray(cj.T), o.min_examples_per_class, float(o.frac_noise))
-        if o.num_to_remove_per_class is not None:
-            ntr = np.asarray(o.num_to_remove_per_class, dtype=np.int64)
-            pcm = kn.apply_num_to_remove_per_class(pcm, ntr, counts)
+        pcm = prune_counts(cj, counts, o)
         mask = np.ones(N, np.bool_)
         if fb in ("prune_by_class", "both"):
             mask &= kn.prune_by_class(selfconf, order, starts, pcm, o.min_examples_per_class)
@@ -512,14 +512,35 @@ def _compute(labels: np.ndarray, P: np.ndarray, dtype: np.dtype, o: Options) -> 
         ranked_issue_indices=ranked,
         category=category,
         category_counts=category_counts,
-        noise=NoiseEstimates(
-            thresholds=thresholds,
-            ood_thresholds=ood_thresholds,
-            confident_joint=cj,
-            joint=joint,
-            noise_matrix=noise_matrix,
-            inverse_noise_matrix=inverse_noise_matrix,
-            py=py,
-            estimated_num_label_issues=estimated,
-        ),
+        noise=noise,
     )
+
+
+def noise_estimates(
+    cj_raw: np.ndarray, counts: np.ndarray, thresholds: np.ndarray, ood_thresholds: np.ndarray, estimated: int
+) -> NoiseEstimates:
+    """The dataset-level estimates from the raw confident-joint counts (its
+    diagonal not yet clipped; modified in place) and the class sizes."""
+    np.fill_diagonal(cj_raw, np.maximum(np.diagonal(cj_raw), 1))
+    cj = kn.calibrate_confident_joint(cj_raw, counts)
+    py, noise_matrix, inverse_noise_matrix = kn.estimate_latent(cj, counts)
+    return NoiseEstimates(
+        thresholds=thresholds,
+        ood_thresholds=ood_thresholds,
+        confident_joint=cj,
+        joint=cj / max(float(cj.sum()), kn.TINY_VALUE),
+        noise_matrix=noise_matrix,
+        inverse_noise_matrix=inverse_noise_matrix,
+        py=py,
+        estimated_num_label_issues=estimated,
+    )
+
+
+def prune_counts(cj: np.ndarray, counts: np.ndarray, o: Options) -> np.ndarray:
+    """How many examples to prune per cell (rows true label, columns given
+    label) for the prune_* methods."""
+    pcm = kn.keep_at_least_n_per_class(np.ascontiguousarray(cj.T), o.min_examples_per_class, float(o.frac_noise))
+    if o.num_to_remove_per_class is not None:
+        ntr = np.asarray(o.num_to_remove_per_class, dtype=np.int64)
+        pcm = kn.apply_num_to_remove_per_class(pcm, ntr, counts)
+    return pcm
