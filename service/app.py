@@ -33,7 +33,7 @@ from litestar.openapi.spec import (
     RequestBody,
 )
 
-from service import __version__, core, health, metrics, npz
+from service import __version__, core, health, metrics, npz, report
 from service.errors import InputError, LabelqError, PayloadTooLarge, UnsupportedMediaType
 from service.schemas import (
     DatasetHealthRequest,
@@ -590,7 +590,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
             app_metrics.process_exiting()
 
     app = Litestar(
-        route_handlers=[find_issues, dataset_health, out_of_distribution, live, ready, metrics_endpoint],
+        route_handlers=[
+            find_issues, dataset_health, out_of_distribution, live, ready, metrics_endpoint,
+            *(report.route_handlers() if settings.report_page else []),
+        ],
         lifespan=[lifespan],
         request_max_body_size=settings.max_body_bytes,
         exception_handlers={

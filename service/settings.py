@@ -43,6 +43,9 @@ class Settings(BaseModel):
     dataset_tag_limit: int = Field(
         20, ge=0, le=1000, description="Without `dataset_tags`: how many distinct dataset tags a process keeps."
     )
+    report_page: bool = Field(
+        True, description="Serve the interactive label-quality report page (GET /, static files under /report/)."
+    )
 
     @field_validator("dataset_tags", mode="before")
     @classmethod
