@@ -24,6 +24,7 @@ import numpy as np
 import orjson
 from litestar import Litestar, Request, Response, get, post
 from litestar.exceptions import HTTPException
+from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import (
     OpenAPIMediaType,
@@ -34,6 +35,7 @@ from litestar.openapi.spec import (
 )
 
 from service import __version__, core, health, metrics, npz, report
+from service import auth, jsonkeys, limits
 from service.errors import InputError, LabelqError, PayloadTooLarge, UnsupportedMediaType
 from service.schemas import (
     DatasetHealthRequest,
@@ -63,7 +65,9 @@ def problem(status: int, title: str, detail: str, field: str | None = None, type
 
 
 def _labelq_error(_: Request, exc: LabelqError) -> Response:
-    return problem(exc.status, exc.title, exc.detail, exc.field, exc.type)
+    response = problem(exc.status, exc.title, exc.detail, exc.field, exc.type)
+    response.headers.update(exc.headers)  # Retry-After, WWW-Authenticate
+    return response
 
 
 def _http_error(_: Request, exc: HTTPException) -> Response:
@@ -107,6 +111,10 @@ def decode_json_request(
     where the request type makes them optional and they are absent."""
     if not body:
         raise BadRequest("the request body is empty; send a JSON object with labels and pred_probs", "body")
+    limits.admit_json(body)
+    duplicate = jsonkeys.find_duplicate_key(body)
+    if duplicate is not None:
+        raise InputError("is given more than once in the JSON object", duplicate)
     try:
         req: Any = msgspec.json.decode(body, type=request_type)
     except msgspec.ValidationError as exc:
@@ -211,7 +219,7 @@ def decode_npz_request(
     parsers: dict[str, Any] | None = None,
     optional: tuple[str, ...] = (),
 ) -> tuple[np.ndarray | None, np.ndarray, dict[str, Any]]:
-    arrays = npz.read_request(body, max_cells, optional)
+    arrays = npz.read_request(body, max_cells, optional, admit=lambda shapes: limits.admit_npz(len(body), shapes))
     return arrays.get("labels"), arrays["pred_probs"], options_from_query(query, parsers)
 
 
@@ -283,8 +291,11 @@ def _documented(
 _PROBLEMS = {
     400: ("Malformed body (not JSON, or not a readable npz).", PROBLEM_JSON, "Problem"),
     413: ("Body, or N x K, larger than the configured limits.", PROBLEM_JSON, "Problem"),
-    415: ("Content-Type is neither application/json nor application/x-npz.", PROBLEM_JSON, "Problem"),
+    415: ("Content-Type is neither application/json nor application/x-npz, or a Content-Encoding is set.",
+          PROBLEM_JSON, "Problem"),
     422: ("Invalid data or options; `field` names the culprit.", PROBLEM_JSON, "Problem"),
+    503: ("Overloaded: the memory budget is in use, or the kernels could not start within the request timeout. "
+          "`Retry-After` says when to retry.", PROBLEM_JSON, "Problem"),
 }
 
 
@@ -313,6 +324,7 @@ def _find_issues_sync(
         labels, P, options = decode_json_request(body)
         _check_cells(P, max_cells)
     t1 = time.perf_counter()
+    limits.admit_compute(len(body), [labels, P])
     result = core.find_issues(labels, P, **options)
     t2 = time.perf_counter()
     metrics.observe_result(
@@ -376,6 +388,7 @@ class _Endpoint:
     parsers: dict[str, Any]
     optional_arrays: tuple[str, ...]
     compute: Callable[..., Any]
+    pairwise: bool = True  # K x K working memory (see limits.compute_bytes)
 
 
 _DATASET_HEALTH = _Endpoint(
@@ -386,6 +399,7 @@ _OUT_OF_DISTRIBUTION = _Endpoint(
     _OUT_OF_DISTRIBUTION_PARSERS,
     ("labels",),
     lambda labels, P, **o: health.out_of_distribution(P, labels, **o),
+    pairwise=False,
 )
 
 
@@ -402,6 +416,7 @@ def _endpoint_sync(
         labels, P, options = decode_json_request(body, endpoint.request_type)
         _check_cells(P, max_cells)
     t1 = time.perf_counter()
+    limits.admit_compute(len(body), [labels, P], endpoint.pairwise)
     result = endpoint.compute(labels, P, **options)
     t2 = time.perf_counter()
     if want_npz:
@@ -564,6 +579,14 @@ def create_app(settings: Settings | None = None) -> Litestar:
     state = State()
     core.set_threads(settings.threads or available_cpus())
     app_metrics = metrics.Metrics(dataset_tags=metrics.DatasetTags(settings.dataset_tags, settings.dataset_tag_limit))
+    app_limits = limits.Limits(
+        settings.max_inflight_bytes or limits.auto_budget(settings.workers),
+        settings.request_timeout_seconds,
+        core.set_threads(settings.threads or available_cpus()),
+        app_metrics.registry,
+    )
+    limits.install_kernel_gate()
+    api_keys = auth.ApiKeys(settings.bearer_keys())
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -595,6 +618,11 @@ def create_app(settings: Settings | None = None) -> Litestar:
             *(report.route_handlers() if settings.report_page else []),
         ],
         lifespan=[lifespan],
+        # App-wide, in this order: authentication, then admission (Content-Encoding, memory, deadline).
+        middleware=[
+            *([DefineMiddleware(auth.BearerAuthMiddleware, keys=api_keys)] if api_keys else []),
+            DefineMiddleware(limits.AdmissionMiddleware, limits=app_limits, max_body_bytes=settings.max_body_bytes),
+        ],
         request_max_body_size=settings.max_body_bytes,
         exception_handlers={
             LabelqError: _labelq_error,
@@ -611,9 +639,12 @@ def create_app(settings: Settings | None = None) -> Litestar:
     # Handlers read their bodies themselves, so litestar cannot derive these
     # schemas; register the msgspec structs' JSON schemas by name.
     app.openapi_schema.components.schemas.update(openapi_components())  # type: ignore[union-attr,arg-type]
+    if api_keys:
+        auth.document(app)
     app.state.labelq = state
     app.state.settings = settings
     app.state.metrics = app_metrics
+    app.state.limits = app_limits
     # Around everything (routing and exception handling included), so 404s,
     # 405s and errors are counted and logged with their final status.
     app.asgi_handler = metrics.RequestObserver(app.asgi_handler, app_metrics)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import io
 import math
 import zipfile
-from typing import Any
+from collections.abc import Callable
+from typing import Any, overload
 
 import numpy as np
 
@@ -22,6 +23,8 @@ from service.errors import InputError, LabelqError, PayloadTooLarge
 MEDIA_TYPE = "application/x-npz"
 REQUIRED = ("labels", "pred_probs")
 _ALLOWED_KINDS = {"labels": "iu", "pred_probs": "f"}
+#: Arrays a caller may also admit (``extra``): the batched protocol's.
+_EXTRA_KINDS = {"context": "u", "row_offset": "iu", "class_offsets": "iu"}
 
 
 class MalformedNpz(LabelqError):
@@ -30,9 +33,19 @@ class MalformedNpz(LabelqError):
     type = "https://labelq.invalid/problems/malformed-body"
 
 
-def read_request(body: bytes, max_cells: int, optional: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+def read_request(
+    body: bytes,
+    max_cells: int,
+    optional: tuple[str, ...] = (),
+    admit: Callable[[dict[str, tuple[tuple[int, ...], np.dtype]]], None] | None = None,
+    extra: tuple[str, ...] = (),
+) -> dict[str, np.ndarray]:
     """Parse an npz request body into ``{"labels": ..., "pred_probs": ...}``;
     an array named in ``optional`` may be absent (and is then not in the dict).
+    Every member's header is read and checked first; then ``admit`` (if given)
+    sees every declared ``(shape, dtype)`` and may refuse by raising, before
+    anything of their size is allocated. ``extra`` names further optional
+    arrays (of ``_EXTRA_KINDS``) the caller accepts.
 
     Raises:
         MalformedNpz (400): not a zip archive, corrupt or truncated members.
@@ -45,16 +58,34 @@ def read_request(body: bytes, max_cells: int, optional: tuple[str, ...] = ()) ->
     except (zipfile.BadZipFile, ValueError) as exc:
         raise MalformedNpz(f"the body is not an npz (zip) archive: {exc}", "body") from None
     members = {name[:-4] if name.endswith(".npy") else name: name for name in archive.namelist()}
+    allowed = REQUIRED + extra
     for name in members:
-        if name not in REQUIRED:
-            raise InputError(f"unexpected array {name!r}; an npz request holds exactly: labels, pred_probs", name)
+        if name not in allowed:
+            raise InputError(f"unexpected array {name!r}; this npz request holds: {', '.join(allowed)}", name)
     for name in REQUIRED:
         if name not in members and name not in optional:
             raise InputError(f"the npz has no array {name!r}", name)
-    return {name: _read_member(archive, members[name], name, max_cells) for name in REQUIRED if name in members}
+    present = [name for name in allowed if name in members]
+    headers = {name: _member(archive, members[name], name, max_cells) for name in present}
+    if admit is not None:
+        admit({name: (shape, dtype) for name, (shape, _, dtype) in headers.items()})
+    return {name: _member(archive, members[name], name, max_cells, headers[name]) for name in present}
 
 
-def _read_member(archive: zipfile.ZipFile, member: str, name: str, max_cells: int) -> np.ndarray:
+_Header = tuple[tuple[int, ...], bool, np.dtype]
+
+
+@overload
+def _member(archive: zipfile.ZipFile, member: str, name: str, max_cells: int) -> _Header: ...
+@overload
+def _member(archive: zipfile.ZipFile, member: str, name: str, max_cells: int, header: _Header) -> np.ndarray: ...
+
+
+def _member(
+    archive: zipfile.ZipFile, member: str, name: str, max_cells: int, header: _Header | None = None
+) -> _Header | np.ndarray:
+    """Without ``header``: read and check a member's npy header only. With it
+    (as read before): read the member's data."""
     try:
         with archive.open(member) as f:
             try:
@@ -65,19 +96,10 @@ def _read_member(archive: zipfile.ZipFile, member: str, name: str, max_cells: in
                     shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
             except (ValueError, SyntaxError, TypeError) as exc:
                 raise InputError(f"is not a valid .npy array: {exc}", name) from None
-            if dtype.hasobject:
-                raise InputError("holds Python objects; only numeric arrays are accepted (pickles are never loaded)", name)
-            if dtype.kind not in _ALLOWED_KINDS[name]:
-                want = "integers" if name == "labels" else "float16, float32 or float64"
-                raise InputError(f"must be {want}; got dtype {dtype}", name)
-            cells = math.prod(shape)
-            if cells > max_cells:
-                raise PayloadTooLarge(
-                    f"declares shape {shape} ({cells} elements); the limit is {max_cells} elements "
-                    "(LABELQ_MAX_CELLS)",
-                    name,
-                )
-            nbytes = cells * dtype.itemsize
+            if header is None:
+                _check_header(name, shape, dtype, max_cells)
+                return shape, fortran, dtype
+            nbytes = math.prod(shape) * dtype.itemsize
             data = f.read(nbytes)
             if len(data) != nbytes:
                 raise InputError(f"its header declares {nbytes} bytes of data but the member holds {len(data)}", name)
@@ -91,6 +113,23 @@ def _read_member(archive: zipfile.ZipFile, member: str, name: str, max_cells: in
     if not arr.dtype.isnative:
         arr = arr.astype(arr.dtype.newbyteorder("="))
     return arr
+
+
+def _check_header(name: str, shape: tuple[int, ...], dtype: np.dtype, max_cells: int) -> None:
+    if any(d < 0 for d in shape):  # else the data read below would be unbounded: f.read(negative)
+        raise InputError(f"declares shape {shape}, with a negative dimension", name)
+    if dtype.hasobject:
+        raise InputError("holds Python objects; only numeric arrays are accepted (pickles are never loaded)", name)
+    kinds = _ALLOWED_KINDS.get(name) or _EXTRA_KINDS[name]
+    if dtype.kind not in kinds:
+        want = {"iu": "integers", "u": "uint8 bytes", "f": "float16, float32 or float64"}[kinds]
+        raise InputError(f"must be {want}; got dtype {dtype}", name)
+    cells = math.prod(shape)
+    if cells > max_cells:
+        raise PayloadTooLarge(
+            f"declares shape {shape} ({cells} elements); the limit is {max_cells} elements (LABELQ_MAX_CELLS)",
+            name,
+        )
 
 
 def write_response(fields: dict[str, Any]) -> bytes:
