@@ -59,6 +59,10 @@ _CHUNK = kn._REDUCE_BUFSIZE
 _PARTIAL = object()  # a tree node that is partly known
 
 
+#: Arrays a batch npz holds besides labels and pred_probs.
+NPZ_EXTRA = ("context", "row_offset", "class_offsets")
+
+
 class BatchError(InputError):
     """A partial or context that does not fit (another K, another pass,
     overlapping or missing rows, a count that cannot be)."""
@@ -105,6 +109,62 @@ def start(class_counts: Any, n_examples: int, dtype: str, **options: Any) -> dic
         "passes": passes,
         "done": [],
     }
+
+
+def check_context(ctx: dict[str, Any]) -> dict[str, Any]:
+    """Check a context that came over the wire (shapes and ranges of what its
+    finished passes left); returns it. A context is not signed: the checks
+    catch a context from another run or a corrupted one, not a forged one."""
+    try:
+        K = int(ctx["n_classes"])
+        counts = np.asarray(ctx["class_counts"])
+        if counts.shape != (K,) or K < 2 or counts.dtype.kind not in "iu" or (counts < 0).any():
+            raise BatchError(f"must be K = {K} non-negative integers", "context.class_counts")
+        if int(ctx["n_examples"]) != int(counts.sum()) or int(ctx["n_examples"]) < 1:
+            raise BatchError("must be the sum of class_counts", "context.n_examples")
+        if ctx["dtype"] not in _DTYPES:
+            raise BatchError(f"must be one of {', '.join(_DTYPES)}", "context.dtype")
+        o = core.make_options(**ctx["options"])
+        if o.num_to_remove_per_class is not None and len(o.num_to_remove_per_class) != K:
+            raise BatchError(f"must have K = {K} entries", "options.num_to_remove_per_class")
+        passes = list(PASSES if o.filter_by in _NEEDS_CANDIDATES else PASSES[:2])
+        if list(ctx["passes"]) != passes:
+            raise BatchError(f"must be {passes} for filter_by={o.filter_by!r}", "context.passes")
+        done = list(ctx["done"])
+        if done != passes[: len(done)]:
+            raise BatchError(f"must be a prefix of {passes}", "context.done")
+        C = K * K + K + 1
+        need = {
+            "sums": {"thresholds": (K,), "thresholds_cmp": (K,), "thresholds_dtype": None},
+            "joint": {
+                "confident_joint": (K, K), "joint": (K, K), "noise_matrix": (K, K),
+                "inverse_noise_matrix": (K, K), "py": (K,), "estimated_num_label_issues": None, "limits": (C,),
+            },
+            "candidates": {"cut_key": (C,), "cut_index": (C,)},
+        }
+        for kind in done:
+            for name, shape in need[kind].items():
+                if ctx.get(name) is None:
+                    raise BatchError(f"is missing after the {kind!r} pass", f"context.{name}")
+                if shape is not None:
+                    a = np.asarray(ctx[name])
+                    if a.shape != shape or a.dtype.kind not in "iuf" or not np.isfinite(a).all():
+                        raise BatchError(f"must be finite numbers of shape {shape}", f"context.{name}")
+        if "sums" in done and ctx["thresholds_dtype"] not in _DTYPES:
+            raise BatchError(f"must be one of {', '.join(_DTYPES)}", "context.thresholds_dtype")
+        if "joint" in done and (np.asarray(ctx["limits"]) < 0).any():
+            raise BatchError("must be non-negative", "context.limits")
+    except KeyError as exc:
+        raise BatchError("is missing", f"context.{exc.args[0]}") from None
+    except (TypeError, ValueError) as exc:
+        raise BatchError(f"is not a context: {exc}", "context") from None
+    return ctx
+
+
+def _get(part: dict[str, Any], name: str) -> Any:
+    if part.get(name) is None:
+        raise BatchError(f"a {part.get('pass')!r} partial needs {name!r}", name)
+    return part[name]
 
 
 def options_dict(o: core.Options) -> dict[str, Any]:
@@ -403,19 +463,19 @@ def _sum_trees(parts: list[dict[str, Any]], ctx: dict[str, Any]) -> dict[int, _S
 
     for part in parts:
         cls, lo, ln, val = (
-            _int_array(part["node_class"], "node_class", 1),
-            _int_array(part["node_lo"], "node_lo", 1),
-            _int_array(part["node_len"], "node_len", 1),
-            _float_array(part["node_sum"], "node_sum"),
+            _int_array(_get(part, "node_class"), "node_class", 1),
+            _int_array(_get(part, "node_lo"), "node_lo", 1),
+            _int_array(_get(part, "node_len"), "node_len", 1),
+            _float_array(_get(part, "node_sum"), "node_sum"),
         )
         if not cls.shape == lo.shape == ln.shape == val.shape:
             raise BatchError("node_class, node_lo, node_len and node_sum must have the same length", "node_sum")
         for k, a, n, v in zip(cls.tolist(), lo.tolist(), ln.tolist(), val.tolist()):
             tree(k).add_node(a, n, v, k)
         fc, fp, fv = (
-            _int_array(part["frag_class"], "frag_class", 1),
-            _int_array(part["frag_pos"], "frag_pos", 1),
-            _float_array(part["frag_value"], "frag_value"),
+            _int_array(_get(part, "frag_class"), "frag_class", 1),
+            _int_array(_get(part, "frag_pos"), "frag_pos", 1),
+            _float_array(_get(part, "frag_value"), "frag_value"),
         )
         if not fc.shape == fp.shape == fv.shape:
             raise BatchError("frag_class, frag_pos and frag_value must have the same length", "frag_value")
@@ -557,7 +617,7 @@ def merge(parts: list[dict[str, Any]], ctx: dict[str, Any]) -> dict[str, Any]:
     if not parts:
         raise BatchError("needs at least one partial", "partials")
     kind = _check_parts(parts, ctx)
-    out = _header(kind, ctx, _union_rows([p["rows"] for p in parts], ctx["n_examples"]))
+    out = _header(kind, ctx, _union_rows([_get(p, "rows") for p in parts], ctx["n_examples"]))
     if kind == "sums":
         out.update(_merge_sums(parts, ctx))
     elif kind == "joint":
@@ -565,11 +625,15 @@ def merge(parts: list[dict[str, Any]], ctx: dict[str, Any]) -> dict[str, Any]:
         cj = np.zeros((K, K), np.int64)
         seen = np.zeros(K, np.int64)
         for p in parts:
-            cj += _int_array(p["confident_joint_raw"], "confident_joint_raw", 2).reshape(K, K)
-            seen += _int_array(p["seen"], "seen", 1)
+            c = _int_array(_get(p, "confident_joint_raw"), "confident_joint_raw", 2)
+            sn = _int_array(_get(p, "seen"), "seen", 1)
+            if c.shape != (K, K) or sn.shape != (K,):
+                raise BatchError(f"must be K x K and K counts (K = {K})", "confident_joint_raw")
+            cj += c
+            seen += sn
         if (cj < 0).any() or (seen < 0).any() or (cj.sum(axis=1) > seen).any():
             raise BatchError("counts are negative or exceed the examples seen (a tampered partial)", "confident_joint_raw")
-        issues = sum(int(p["issues"]) for p in parts)
+        issues = sum(int(_get(p, "issues")) for p in parts)
         if not 0 <= issues <= int(cj.sum() - np.trace(cj)):
             raise BatchError("the issue count does not fit the confident joint (a tampered partial)", "issues")
         out.update({"confident_joint_raw": cj, "seen": seen, "issues": issues})
@@ -577,9 +641,9 @@ def merge(parts: list[dict[str, Any]], ctx: dict[str, Any]) -> dict[str, Any]:
         limits = np.asarray(ctx["limits"])
         cells, keys, index = [], [], []
         for p in parts:
-            c = _int_array(p["cell"], "cell", 1)
-            kk = _float_array(p["key"], "key")
-            ix = _int_array(p["index"], "index", 1)
+            c = _int_array(_get(p, "cell"), "cell", 1)
+            kk = _float_array(_get(p, "key"), "key")
+            ix = _int_array(_get(p, "index"), "index", 1)
             if not c.shape == kk.shape == ix.shape:
                 raise BatchError("cell, key and index must have the same length", "cell")
             if c.size and (c.min() < 0 or c.max() >= limits.shape[0] or ix.min() < 0 or ix.max() >= ctx["n_examples"]):
@@ -671,14 +735,14 @@ def finalize(part: dict[str, Any], ctx: dict[str, Any]) -> dict[str, Any]:
         sel = merge([part], ctx)
         C = limits.shape[0]
         have = np.bincount(sel["cell"], minlength=C)
-        cut_key = np.full(C, -np.inf)
+        cut_key = np.zeros(C)
         cut_index = np.full(C, -1, np.int64)
         last = np.flatnonzero(np.r_[sel["cell"][1:] != sel["cell"][:-1], True]) if sel["cell"].size else []
         cut_key[sel["cell"][last]] = sel["key"][last]
         cut_index[sel["cell"][last]] = sel["index"][last]
         # Fewer candidates than the limit: the cell had fewer rows; all are selected.
         short = (have < limits) & (limits > 0)
-        cut_key[short], cut_index[short] = np.inf, np.iinfo(np.int64).max
+        cut_key[short], cut_index[short] = np.finfo(np.float64).max, ctx["n_examples"]
         new.update({"cut_key": cut_key, "cut_index": cut_index})
     return new
 
@@ -768,14 +832,20 @@ def result_from(ctx: dict[str, Any], pieces: list[dict[str, Any]], ranked: np.nd
     """A :class:`~service.core.FindIssuesResult` from the context and the
     per-row arrays (concatenated in row order); no categories."""
     K = ctx["n_classes"]
-    mask = np.concatenate([np.asarray(p["is_label_issue"], np.bool_) for p in pieces])
+
+    def joined(name: str, dtype: Any) -> np.ndarray:
+        if len(pieces) == 1:  # as given (a memory-mapped output stays one)
+            return pieces[0][name]
+        return np.concatenate([np.asarray(p[name], dtype) for p in pieces])
+
+    mask = joined("is_label_issue", np.bool_)
     return core.FindIssuesResult(
         n_examples=ctx["n_examples"],
         n_classes=K,
         num_label_issues=int(mask.sum()),
         is_label_issue=mask,
-        label_quality_score=np.concatenate([np.asarray(p["label_quality_score"], np.float64) for p in pieces]),
-        suggested_label=np.concatenate([np.asarray(p["suggested_label"], np.int64) for p in pieces]),
+        label_quality_score=joined("label_quality_score", np.float64),
+        suggested_label=joined("suggested_label", np.int64),
         ranked_issue_indices=ranked,
         category=None,
         category_counts=None,

@@ -319,6 +319,114 @@ class OutOfDistributionResponse(msgspec.Struct):
     ]
 
 
+# --------------------------------------------------------------------- batched protocol
+
+
+class BatchOptions(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """The options of a batched run: those of `/find-issues` but the `thresholds` object
+    (batched runs use the reference's mean thresholds)."""
+
+    filter_by: Annotated[FilterBy, Meta(description="Which examples to flag.")] = "prune_by_noise_rate"
+    rank_by: Annotated[RankBy, Meta(description="The label quality score.")] = "self_confidence"
+    frac_noise: Annotated[float, Meta(ge=0, le=1)] = 1.0
+    num_to_remove_per_class: list[int] | None = None
+    min_examples_per_class: Annotated[int, Meta(ge=0)] = 1
+    adjust_pred_probs: bool = False
+    prob_tolerance: Annotated[float, _PROB_TOLERANCE] = 1e-3
+
+
+class BatchStartRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """Start a batched run: what the client knows from the labels alone."""
+
+    class_counts: Annotated[list[int], Meta(description="Examples per given label over the whole dataset (K).")]
+    n_examples: Annotated[int, Meta(ge=1, description="N, the sum of class_counts.")]
+    dtype: Annotated[Literal["float16", "float32", "float64"], Meta(description="The dtype of pred_probs.")]
+    options: BatchOptions | None = None
+
+
+class BatchContext(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """Everything a step needs to know about the whole dataset. Returned by
+    `/batched/start` and `/batched/finalize`; send it back unchanged."""
+
+    protocol: int
+    n_examples: int
+    n_classes: int
+    dtype: Literal["float16", "float32", "float64"]
+    class_counts: list[int]
+    options: BatchOptions
+    passes: Annotated[list[str], Meta(description="The passes this run needs, in order, before `apply`.")]
+    done: Annotated[list[str], Meta(description="The passes finalized so far.")]
+    thresholds: list[float] | None = None
+    thresholds_cmp: list[float] | None = None
+    thresholds_dtype: Literal["float16", "float32", "float64"] | None = None
+    confident_joint: list[list[int]] | None = None
+    joint: list[list[float]] | None = None
+    noise_matrix: list[list[float]] | None = None
+    inverse_noise_matrix: list[list[float]] | None = None
+    py: list[float] | None = None
+    estimated_num_label_issues: int | None = None
+    limits: list[int] | None = None
+    cut_key: list[float] | None = None
+    cut_index: list[int] | None = None
+
+
+class BatchPartial(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """A pass's partial statistics over some rows (`rows`: [start, end) ranges):
+    `sums` carry sum-tree nodes and leaf values, `joint` counts, `candidates`
+    the smallest keys per cell. Merge any number in any order."""
+
+    protocol: int
+    pass_: Annotated[Literal["sums", "joint", "candidates"], Meta(description="The pass.")] = msgspec.field(name="pass")
+    n_classes: int = 0
+    rows: list[list[int]] = []
+    node_class: list[int] | None = None
+    node_lo: list[int] | None = None
+    node_len: list[int] | None = None
+    node_sum: list[float] | None = None
+    frag_class: list[int] | None = None
+    frag_pos: list[int] | None = None
+    frag_value: list[float] | None = None
+    confident_joint_raw: list[list[int]] | None = None
+    seen: list[int] | None = None
+    issues: int | None = None
+    cell: list[int] | None = None
+    key: list[float] | None = None
+    index: list[int] | None = None
+
+
+class BatchMapRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """One batch of rows for a map step (or `apply`)."""
+
+    labels: Annotated[list[int], Meta(description="The batch's given labels.")]
+    pred_probs: Annotated[list[list[float]], Meta(description="The batch's rows of predicted probabilities.")]
+    row_offset: Annotated[int, Meta(ge=0, description="Global index of the batch's first row.")]
+    context: BatchContext
+    class_offsets: Annotated[
+        list[int] | None, Meta(description="`sums` pass only: per class, its examples in rows before this batch.")
+    ] = None
+
+
+class BatchMergeRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """Partials of one pass to merge (or to merge and finalize)."""
+
+    context: BatchContext
+    partials: Annotated[list[BatchPartial], Meta(min_length=1)]
+
+
+class BatchApplyResponse(msgspec.Struct):
+    """A batch's part of the result."""
+
+    protocol: int
+    pass_: Literal["apply"] = msgspec.field(name="pass")
+    n_classes: int = 0
+    rows: list[list[int]] = []
+    is_label_issue: list[bool] = []
+    label_quality_score: list[float] = []
+    suggested_label: list[int] = []
+    issue_index: Annotated[list[int], Meta(description="The batch's flagged rows (global indices).")] = []
+    issue_score: Annotated[list[float], Meta(description="Their scores.")] = []
+
+
 # --------------------------------------------------------------------- errors, health
 
 
@@ -350,6 +458,12 @@ def openapi_components() -> dict[str, dict]:
             OutOfDistributionResponse,
             Problem,
             Health,
+            BatchStartRequest,
+            BatchContext,
+            BatchPartial,
+            BatchMapRequest,
+            BatchMergeRequest,
+            BatchApplyResponse,
         ],
         ref_template="#/components/schemas/{name}",
     )
