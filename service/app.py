@@ -575,6 +575,8 @@ def _on_shutdown_signal(callback: Any) -> None:
 
 def create_app(settings: Settings | None = None) -> Litestar:
     """Build the app. Settings default to the environment's (``LABELQ_*``)."""
+    from service import batched_http  # it uses this module's error and documentation helpers
+
     settings = settings or Settings.from_env()
     state = State()
     core.set_threads(settings.threads or available_cpus())
@@ -616,6 +618,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         route_handlers=[
             find_issues, dataset_health, out_of_distribution, live, ready, metrics_endpoint,
             *(report.route_handlers() if settings.report_page else []),
+            *batched_http.route_handlers(),
         ],
         lifespan=[lifespan],
         # App-wide, in this order: authentication, then admission (Content-Encoding, memory, deadline).
