@@ -44,7 +44,7 @@ def _check(buf: bytes, prefix: str, nested: frozenset[str] | None) -> str | None
     """Check one object; ``nested``: the keys whose object values are checked too (None: all)."""
     try:
         obj = msgspec.json.decode(buf, type=_OBJECT)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError):
         return None  # not a JSON object: the request's decoder says what is wrong
     if not obj:
         return None
@@ -82,7 +82,7 @@ def _first_key(gap: bytes) -> str:
         return "body"
     try:
         return str(msgspec.json.decode(match.group(1), type=str))
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError):
         return "body"
 
 

@@ -331,6 +331,8 @@ def test_duplicate_keys_are_422(body: bytes, field: str) -> None:
         b'{"labels": [0, 1], "pred_probs": [[1, 0], [0, 1]], "x\\"y": "}, \\"labels\\": ["}',
         b"[1, 2]",
         b"{}",
+        b'{"labels": [0, 1], "\xff": 1, "\xff": 2}',  # invalid UTF-8: the decoder's 400, not ours
+        b'{"labels": ' + b"[" * 100_000 + b"]" * 100_000 + b', "labels": 1}',  # too deep for msgspec: its 422
         b'{"labels": [0, 1',
     ],
 )

@@ -122,6 +122,18 @@ def bomb() -> bytes:
     return buf.getvalue()
 
 
+def negative_bomb() -> bytes:
+    """A compressed member whose header declares a negative dimension over 100 MB of zeros: reading
+    "-16 bytes" would once inflate all of it."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("labels.npy", _npy(GOOD_L))
+        raw = io.BytesIO()
+        np.lib.format.write_array_header_1_0(raw, {"descr": "<f8", "fortran_order": False, "shape": (-8, 2)})
+        zf.writestr("pred_probs.npy", raw.getvalue() + bytes(100_000_000))
+    return buf.getvalue()
+
+
 def corrupt_crc() -> bytes:
     data = bytearray(npz_bytes(labels=GOOD_L, pred_probs=GOOD_P))
     i = data.rfind(GOOD_P.tobytes()[:8])
@@ -140,6 +152,8 @@ BAD = [
     ("header claims more than the data", lying_header((30, 2)), "", 422, "pred_probs"),
     ("header claims less than the data", lying_header((2, 2)), "", 422, "pred_probs"),
     ("zip bomb", bomb(), "", 413, "pred_probs"),
+    ("header with a negative dimension", lying_header((-1, 2)), "", 422, "pred_probs"),
+    ("zip bomb behind a negative dimension", negative_bomb(), "", 422, "pred_probs"),
     ("string labels", npz_bytes(labels=np.array(["a", "b", "c"]), pred_probs=GOOD_P), "", 422, "labels"),
     ("integer pred_probs", npz_bytes(labels=GOOD_L, pred_probs=GOOD_P.astype(int)), "", 422, "pred_probs"),
     ("float labels", npz_bytes(labels=GOOD_L.astype(float), pred_probs=GOOD_P), "", 422, "labels"),
