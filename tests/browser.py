@@ -46,7 +46,7 @@ def ensure_chromium() -> Path:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for cmd in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"]):
         try:
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=APT_TIMEOUT)
+            proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=APT_TIMEOUT)
         except subprocess.TimeoutExpired:
             pytest.fail(f"installing chromium timed out after {APT_TIMEOUT} s at: {' '.join(cmd)}")
         if proc.returncode != 0:

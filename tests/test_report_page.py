@@ -83,7 +83,8 @@ class Session:
         assert self.problems == []
         origin = urlsplit(self.base)
         elsewhere = [
-            r.url for r in self.requests
+            r.url
+            for r in self.requests
             if urlsplit(r.url).scheme not in ("blob", "data")
             and (urlsplit(r.url).scheme, urlsplit(r.url).netloc) != (origin.scheme, origin.netloc)
         ]
@@ -174,7 +175,7 @@ def heatmap(page: Page) -> tuple[np.ndarray, list[list[str]], np.ndarray]:
         "tds => tds.map(td => [+td.dataset.i, +td.dataset.j, +td.dataset.count, +td.dataset.share,"
         " td.firstChild ? td.firstChild.textContent : ''])",
     )
-    k = int(round(len(cells) ** 0.5))
+    k = round(len(cells) ** 0.5)
     assert k * k == len(cells)
     counts = np.zeros((k, k), dtype=np.int64)
     shares = np.zeros((k, k))
@@ -216,12 +217,18 @@ def name(labels_names: list[str] | None, c: int) -> str:
     return f"{c} {labels_names[c]}" if labels_names else str(c)
 
 
-def expected_rows(want: dict[str, np.ndarray], labels: np.ndarray, names: list[str] | None, indices: np.ndarray,
-                  ranks: np.ndarray) -> list[list[str]]:
+def expected_rows(
+    want: dict[str, np.ndarray], labels: np.ndarray, names: list[str] | None, indices: np.ndarray, ranks: np.ndarray
+) -> list[list[str]]:
     """The flag table's rows (rank, index, given, suggested, category) for these examples."""
     return [
-        [str(rank + 1), str(idx), name(names, int(labels[idx])), name(names, int(want["suggested_label"][idx])),
-         CATEGORY_TEXT[int(want["category"][idx])]]
+        [
+            str(rank + 1),
+            str(idx),
+            name(names, int(labels[idx])),
+            name(names, int(want["suggested_label"][idx])),
+            CATEGORY_TEXT[int(want["category"][idx])],
+        ]
         for rank, idx in zip(ranks, indices, strict=True)
     ]
 
@@ -240,8 +247,14 @@ def download_csv(page: Page) -> tuple[str, list[dict[str, str]]]:
     return download.suggested_filename, list(csv.DictReader(io.StringIO(target.read_text())))
 
 
-def check_csv(rows: list[dict[str, str]], want: dict[str, np.ndarray], labels: np.ndarray, names: list[str],
-              indices: np.ndarray, ranks: np.ndarray) -> None:
+def check_csv(
+    rows: list[dict[str, str]],
+    want: dict[str, np.ndarray],
+    labels: np.ndarray,
+    names: list[str],
+    indices: np.ndarray,
+    ranks: np.ndarray,
+) -> None:
     assert [int(r["index"]) for r in rows] == indices.tolist()
     assert [int(r["rank"]) for r in rows] == (ranks + 1).tolist()
     assert [int(r["given_label"]) for r in rows] == labels[indices].tolist()
@@ -290,8 +303,10 @@ def test_cifar10_report_equals_the_api(session: Session, cifar10, cifar10_npz: P
         assert row[5] == f"{health['label_noise'][r]:.4f}" and row[6] == f"{health['inverse_label_noise'][r]:.4f}"
         assert row[7] == f"{want['thresholds'][c]:.4f}" and row[8] == f"{want['ood_thresholds'][c]:.4f}"
     pairs = page.eval_on_selector_all("#pairs tbody tr th", "ths => ths.map(th => th.textContent)")
-    assert pairs[0] == f"{health['class_index_a'][0]} {CIFAR10_NAMES[health['class_index_a'][0]]} / " \
-                       f"{health['class_index_b'][0]} {CIFAR10_NAMES[health['class_index_b'][0]]}"
+    assert (
+        pairs[0] == f"{health['class_index_a'][0]} {CIFAR10_NAMES[health['class_index_a'][0]]} / "
+        f"{health['class_index_b'][0]} {CIFAR10_NAMES[health['class_index_b'][0]]}"
+    )
 
     # the flagged list: worst first, 25 to a page
     ranked = want["ranked_issue_indices"]
@@ -457,14 +472,26 @@ def test_clicking_a_cell_filters_the_flags_and_the_csv_equals_the_api(
     r2 = after["ranked_issue_indices"]
     keep = (labels[r2] == i) & (after["suggested_label"][r2] == j)
     assert page.get_attribute("#flags", "data-filter") == f"{i},{j}"
-    assert without_score(all_flag_rows(page)) == expected_rows(after, labels, CIFAR10_NAMES, r2[keep], np.flatnonzero(keep))
+    assert without_score(all_flag_rows(page)) == expected_rows(
+        after, labels, CIFAR10_NAMES, r2[keep], np.flatnonzero(keep)
+    )
     session.check_clean()
 
 
 README_EXAMPLE = {
     "labels": [0, 0, 0, 1, 1, 1, 2, 2, 2, 0],
-    "pred_probs": [[0.9, 0.05, 0.05], [0.8, 0.1, 0.1], [0.85, 0.1, 0.05], [0.1, 0.8, 0.1], [0.05, 0.9, 0.05],
-                   [0.8, 0.15, 0.05], [0.1, 0.1, 0.8], [0.05, 0.05, 0.9], [0.15, 0.1, 0.75], [0.34, 0.33, 0.33]],
+    "pred_probs": [
+        [0.9, 0.05, 0.05],
+        [0.8, 0.1, 0.1],
+        [0.85, 0.1, 0.05],
+        [0.1, 0.8, 0.1],
+        [0.05, 0.9, 0.05],
+        [0.8, 0.15, 0.05],
+        [0.1, 0.1, 0.8],
+        [0.05, 0.05, 0.9],
+        [0.15, 0.1, 0.75],
+        [0.34, 0.33, 0.33],
+    ],
     "class_names": ["cat", "dog", "fox"],
 }
 
@@ -521,8 +548,9 @@ def test_api_key_is_sent_as_a_bearer_token_and_auth_errors_are_explained(session
         route.fulfill(
             status=401,
             content_type="application/problem+json",
-            body=json.dumps({"type": "about:blank", "title": "Unauthorized", "status": 401,
-                             "detail": "a valid API key is required"}),
+            body=json.dumps(
+                {"type": "about:blank", "title": "Unauthorized", "status": 401, "detail": "a valid API key is required"}
+            ),
         )
 
     page.route("**/find-issues*", unauthorized)
@@ -585,6 +613,52 @@ def test_100k_by_100_stays_responsive(session: Session, tmp_path: Path) -> None:
     # the page's own work comes in slices; generous for a loaded 2-core machine
     assert max(long_tasks, default=0) < 1500, f"the main thread was blocked for {max(long_tasks):.0f} ms"
     session.check_clean()
+
+
+API_KEY = "report-page-key-0123456789"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="with API keys configured, service.auth protects every route not in auth.OPEN_PATHS, the page's "
+    "included: a browser cannot send a Bearer header when it opens a page or loads its scripts. The page and "
+    "its files hold no data; opening them needs '/' and '/report/<file>' in auth.OPEN_PATHS (auth.py is "
+    "another agent's). Strict: this turns into a failure, to remove the marker, once they are open.",
+)
+def test_with_api_keys_the_page_opens_and_sends_the_key(
+    browser: Browser, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    path = tmp_path / "example.npz"
+    labels, P = np.array(README_EXAMPLE["labels"]), np.array(README_EXAMPLE["pred_probs"])
+    np.savez(path, labels=labels, pred_probs=P)
+    env = {"LABELQ_THREADS": "1", "LABELQ_API_KEYS": API_KEY}
+    with serve(tmp_path_factory.mktemp("report-auth") / "stderr.log", env=env) as served:
+        assert (
+            httpx.post(f"{served.base}/find-issues", json={"labels": [0], "pred_probs": [[1.0, 0.0]]}).status_code
+            == 401
+        )
+        assert httpx.get(f"{served.base}/").status_code == 200, "the page opens without a key"
+        for asset in report.ASSETS:
+            assert httpx.get(f"{served.base}/report/{asset}").status_code == 200, asset
+        context = browser.new_context(viewport=VIEWPORT)
+        try:
+            page = context.new_page()
+            page.goto(f"{served.base}/")
+            page.wait_for_selector("body[data-ready=true]")
+            page.fill("#api-key", API_KEY)
+            page.set_input_files("#file", str(path))
+            wait_shown(page, DEFAULT_QUERY)
+            assert page.locator("#error").is_hidden()
+            buf = io.BytesIO()
+            np.savez(buf, labels=labels, pred_probs=P)
+            want = httpx.post(
+                f"{served.base}/find-issues?{DEFAULT_QUERY}",
+                content=buf.getvalue(),
+                headers={"Content-Type": "application/x-npz", "Authorization": f"Bearer {API_KEY}"},
+            ).json()
+            np.testing.assert_array_equal(heatmap(page)[0], want["noise"]["confident_joint"])
+        finally:
+            context.close()
 
 
 # ----------------------------------------------------------------------------- in-process
