@@ -4,12 +4,14 @@
 request with a body reserves its estimated memory before it allocates it, and
 gives it back when its response has been sent:
 
-1. when the request arrives: its ``Content-Length`` (a chunked body reserves
-   as its chunks arrive);
+1. when the request arrives: twice its ``Content-Length``, the chunks as
+   received and the body they are joined into (a chunked body reserves as
+   its chunks arrive);
 2. before decoding: a JSON body, the body plus 64 bytes per number in it
    (numbers are counted by their commas; the measured cost of msgspec's lists
    of Python floats and the float64 array is about 50 bytes each); an npz,
-   the body plus the arrays its headers declare;
+   the body plus twice the arrays its headers declare (zipfile reads a
+   member's data into one buffer and copies it into the next);
 3. before the kernels, once N and K are known: the body, the arrays, and the
    working memory and answer (:func:`compute_bytes`).
 
@@ -171,6 +173,12 @@ def json_decode_bytes(body: bytes) -> int:
 def arrays_bytes(shapes: Mapping[str, tuple[tuple[int, ...], np.dtype]]) -> int:
     """Bytes of the arrays an npz declares (shape, dtype per array)."""
     return sum(math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in shapes.values())
+
+
+#: Copies of the body while it is received (the chunks, then the joined body).
+BODY_COPIES = 2
+#: Copies of an npz member's data while it is read.
+NPZ_READ_COPIES = 2
 
 
 def compute_bytes(n: int, k: int, threads: int, pairwise: bool = True) -> int:
@@ -341,7 +349,7 @@ def admit_json(body: bytes) -> None:
 
 def admit_npz(body_bytes: int, shapes: Mapping[str, tuple[tuple[int, ...], np.dtype]]) -> None:
     """Before reading the arrays of an npz body (their headers read)."""
-    admit(body_bytes + arrays_bytes(shapes), "pred_probs", "reading these arrays")
+    admit(body_bytes + NPZ_READ_COPIES * arrays_bytes(shapes), "pred_probs", "reading these arrays")
 
 
 def admit_compute(body_bytes: int, arrays: list[np.ndarray | None], pairwise: bool = True) -> None:
@@ -395,7 +403,7 @@ class AdmissionMiddleware:
             # Refused at once if it does not fit, before the body is stored. (Over the body limit,
             # litestar answers 413 when the body is read; a chunked body is reserved as it arrives.)
             try:
-                ticket.reservation.resize(int(length), "body", "this body")
+                ticket.reservation.resize(BODY_COPIES * int(length), "body", "receiving this body")
             except (Overloaded, PayloadTooLarge):
                 await _discard_body(receive, expects_continue)
                 raise
@@ -404,9 +412,9 @@ class AdmissionMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 ticket.body_bytes += len(message.get("body", b""))
-                if ticket.body_bytes > ticket.reservation.held:
+                if BODY_COPIES * ticket.body_bytes > ticket.reservation.held:
                     try:
-                        ticket.reservation.resize(ticket.body_bytes, "body", "this body")
+                        ticket.reservation.resize(BODY_COPIES * ticket.body_bytes, "body", "receiving this body")
                     except (Overloaded, PayloadTooLarge):
                         if message.get("more_body", False):
                             await _discard_body(receive, False)
