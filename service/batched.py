@@ -139,6 +139,7 @@ def check_context(ctx: dict[str, Any]) -> dict[str, Any]:
             "joint": {
                 "confident_joint": (K, K), "joint": (K, K), "noise_matrix": (K, K),
                 "inverse_noise_matrix": (K, K), "py": (K,), "estimated_num_label_issues": None, "limits": (C,),
+                "all_rows": (K * K,),
             },
             "candidates": {"cut_key": (C,), "cut_index": (C,)},
         }
@@ -148,7 +149,7 @@ def check_context(ctx: dict[str, Any]) -> dict[str, Any]:
                     raise BatchError(f"is missing after the {kind!r} pass", f"context.{name}")
                 if shape is not None:
                     a = np.asarray(ctx[name])
-                    if a.shape != shape or a.dtype.kind not in "iuf" or not np.isfinite(a).all():
+                    if a.shape != shape or a.dtype.kind not in "biuf" or not np.isfinite(a).all():
                         raise BatchError(f"must be finite numbers of shape {shape}", f"context.{name}")
         if "sums" in done and ctx["thresholds_dtype"] not in _DTYPES:
             raise BatchError(f"must be one of {', '.join(_DTYPES)}", "context.thresholds_dtype")
@@ -507,14 +508,20 @@ def _threshold_bits(ctx: dict[str, Any]) -> np.ndarray:
 @_with_threads
 def map_joint(labels: Any, pred_probs: Any, row_offset: int, ctx: dict[str, Any]) -> dict[str, Any]:
     """Pass 2 over one batch: the raw confident-joint counts, the class sizes
-    seen, and how many confident off-diagonal examples are issues."""
+    seen, how many confident off-diagonal examples are issues, and per cell
+    how many rows have a positive margin (which lets pass 3 look at those only)."""
     _need(ctx, "joint")
     o = _options(ctx)
     b = _Batch(labels, pred_probs, row_offset, ctx, o)
     offdiag, cj_raw = kn.confident_pass(b.B, b.labels, _threshold_bits(ctx), b.argmax, b.chunks)
     part = _header("joint", ctx, b.rows)
     part.update(
-        {"confident_joint_raw": cj_raw, "seen": b.counts, "issues": int((offdiag & ~b.label_is_max).sum())}
+        {
+            "confident_joint_raw": cj_raw,
+            "seen": b.counts,
+            "issues": int((offdiag & ~b.label_is_max).sum()),
+            "positive": _positive_tally(b.B, b.labels, b.other > b.selfconf, b.P.shape[1]),
+        }
     )
     return part
 
@@ -524,18 +531,122 @@ def map_joint(labels: Any, pred_probs: Any, row_offset: int, ctx: dict[str, Any]
 # --------------------------------------------------------------------------
 # Cells: noise-rate cell (true j, given k) is j * K + k; prune-by-class cell
 # of class k is K*K + k; the low_* cell is K*K + K. ``limits[c]`` is how many
-# examples cell c selects (0: none).
+# examples cell c selects (0: none). A noise-rate cell selects by the margin
+# ``P[i, j] - P[i, k]``, largest first (key: its negative). When the whole
+# dataset has at least ``limits[c]`` positive margins in the cell, all the
+# selected rows have one, and only rows whose label is not their maximum can:
+# those cells are read from such rows alone. The others (``all_rows``, rare)
+# read every row of the class, as the one-request kernel does.
 
 
 @numba.njit(cache=True, nogil=True)
-def _margin_keys(P, rows, j, k, prec):
-    """``-(P[i, j] - P[i, k])`` in the input's precision for the given rows:
-    the prune-by-noise-rate order (the kernel's own arithmetic)."""
-    out = np.empty(rows.shape[0], np.float64)
-    for t in range(rows.shape[0]):
-        i = rows[t]
-        out[t] = -kn._rnd(kn._ld(P[i, j]) - kn._ld(P[i, k]), prec)
-    return out
+def _positive_tally(B, labels, nonmax, K):
+    """Per cell (j, k): the rows labeled k with ``P[i, j] > P[i, k]`` (bit patterns)."""
+    t = np.zeros((K, K), np.int64)
+    for i in range(B.shape[0]):
+        if nonmax[i]:
+            k = labels[i]
+            bk = B[i, k]
+            for j in range(K):
+                if B[i, j] > bk:
+                    t[j, k] += 1
+    return t
+
+
+@numba.njit(cache=True, nogil=True)
+def _margin_candidates(P, B, labels, nonmax, limits, all_rows, prec):
+    """(cell, key, row) of every noise-rate cell entry this batch offers:
+    positive margins of the rows whose label is not their maximum for the
+    ordinary cells, every row of the class for the ``all_rows`` cells. Keys
+    are ``-(P[i, j] - P[i, k])`` in the input's precision (the kernel's own
+    arithmetic)."""
+    N, K = B.shape
+    any_all = np.zeros(K, np.bool_)
+    for c in range(K * K):
+        if all_rows[c] and limits[c] > 0:
+            any_all[c % K] = True
+    n = 0
+    for i in range(N):
+        k = labels[i]
+        if not (nonmax[i] or any_all[k]):
+            continue
+        bk = B[i, k]
+        for j in range(K):
+            c = j * K + k
+            if limits[c] > 0 and (all_rows[c] or (nonmax[i] and B[i, j] > bk)):
+                n += 1
+    cell = np.empty(n, np.int64)
+    key = np.empty(n, np.float64)
+    row = np.empty(n, np.int64)
+    t = 0
+    for i in range(N):
+        k = labels[i]
+        if not (nonmax[i] or any_all[k]):
+            continue
+        bk = B[i, k]
+        pk = kn._ld(P[i, k])
+        for j in range(K):
+            c = j * K + k
+            if limits[c] > 0 and (all_rows[c] or (nonmax[i] and B[i, j] > bk)):
+                cell[t] = c
+                key[t] = -kn._rnd(kn._ld(P[i, j]) - pk, prec)
+                row[t] = i
+                t += 1
+    return cell, key, row
+
+
+@numba.njit(cache=True, nogil=True)
+def _keep_smallest(cell, key, index, limits):
+    """Mask of the entries that are among the ``limits[cell]`` smallest
+    (key, index) pairs of their cell. O(n): entries are grouped by cell
+    with a counting sort, and each cell's cut-off found by selection."""
+    C = limits.shape[0]
+    n = cell.shape[0]
+    count = np.zeros(C + 1, np.int64)
+    for t in range(n):
+        count[cell[t] + 1] += 1
+    for c in range(C):
+        count[c + 1] += count[c]
+    fill = count[:C].copy()
+    order = np.empty(n, np.int64)
+    for t in range(n):
+        c = cell[t]
+        order[fill[c]] = t
+        fill[c] += 1
+    keep = np.zeros(n, np.bool_)
+    for c in range(C):
+        a, b, m = count[c], count[c + 1], limits[c]
+        if m <= 0:
+            continue
+        if b - a <= m:
+            for t in range(a, b):
+                keep[order[t]] = True
+            continue
+        ks = np.empty(b - a, np.float64)
+        for t in range(a, b):
+            ks[t - a] = key[order[t]]
+        cut = np.partition(ks, m - 1)[m - 1]
+        ties = 0
+        for t in range(a, b):
+            e = order[t]
+            if key[e] < cut:
+                keep[e] = True
+                m -= 1
+            elif key[e] == cut:
+                ties += 1
+        tied = np.empty(ties, np.int64)
+        ties = 0
+        for t in range(a, b):
+            e = order[t]
+            if key[e] == cut:
+                tied[ties] = index[e]
+                ties += 1
+        last = np.sort(tied)[m - 1]  # equal keys: the smallest indices
+        for t in range(a, b):
+            e = order[t]
+            if key[e] == cut and index[e] <= last:
+                keep[e] = True
+    return keep
 
 
 def _limits(ctx: dict[str, Any], pcm: np.ndarray | None, estimated: int, o: core.Options) -> np.ndarray:
@@ -557,19 +668,20 @@ def _limits(ctx: dict[str, Any], pcm: np.ndarray | None, estimated: int, o: core
     return limits
 
 
-def _cell_keys(b: _Batch, ctx: dict[str, Any], o: core.Options):
-    """Yield (cell, keys, batch rows) for every cell this batch has rows in."""
+def _cell_entries(b: _Batch, ctx: dict[str, Any], o: core.Options) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(cell, key, batch row) of every entry this batch offers to any cell."""
     K = ctx["n_classes"]
-    limits = np.asarray(ctx["limits"])
-    for k in np.flatnonzero(b.counts):
-        rows = b.order[b.starts[k] : b.starts[k + 1]]
-        for j in np.flatnonzero(limits[k : K * K : K]):
-            yield j * K + k, _margin_keys(b.P, rows, j, k, b.prec), rows
-        if limits[K * K + k]:
-            yield K * K + k, b.selfconf[rows], rows
+    limits = np.asarray(ctx["limits"], np.int64)
+    all_rows = np.asarray(ctx["all_rows"], np.bool_)
+    parts = [_margin_candidates(b.P, b.B, b.labels, b.other > b.selfconf, limits, all_rows, b.prec)]
+    live = limits[K * K + b.labels] > 0
+    rows = np.flatnonzero(live)
+    parts.append((K * K + b.labels[rows], b.selfconf[rows], rows))
     if limits[-1]:
         fb = o.filter_by
-        yield K * K + K, b.unadjusted(core._RANK_CODE[fb[len("low_") :]]), np.arange(b.P.shape[0])
+        rows = np.arange(b.P.shape[0])
+        parts.append((np.full(rows.shape[0], K * K + K), b.unadjusted(core._RANK_CODE[fb[len("low_") :]]), rows))
+    return tuple(_cat([p[i] for p in parts], dt) for i, dt in enumerate((np.int64, np.float64, np.int64)))
 
 
 @_with_threads
@@ -579,18 +691,9 @@ def map_candidates(labels: Any, pred_probs: Any, row_offset: int, ctx: dict[str,
     _need(ctx, "candidates")
     o = _options(ctx)
     b = _Batch(labels, pred_probs, row_offset, ctx, o)
-    limits = np.asarray(ctx["limits"])
-    cells, keys, index = [], [], []
-    for c, key, rows in _cell_keys(b, ctx, o):
-        m = int(limits[c])
-        if key.shape[0] > m:
-            pick = np.argsort(key, kind="stable")[:m]
-            key, rows = key[pick], rows[pick]
-        cells.append(np.full(key.shape[0], c, np.int64))
-        keys.append(key)
-        index.append(rows + b.offset)
+    cell, key, row = _cell_entries(b, ctx, o)
     part = _header("candidates", ctx, b.rows)
-    part.update(_select(_cat(cells, np.int64), _cat(keys, np.float64), _cat(index, np.int64), limits))
+    part.update(_select(cell, key, row + b.offset, np.asarray(ctx["limits"])))
     return part
 
 
@@ -600,11 +703,10 @@ def _cat(xs: list[np.ndarray], dtype: Any) -> np.ndarray:
 
 def _select(cell: np.ndarray, key: np.ndarray, index: np.ndarray, limits: np.ndarray) -> dict[str, np.ndarray]:
     """Per cell, the ``limits[cell]`` smallest (key, index) pairs, sorted."""
+    keep = _keep_smallest(cell, key, index, np.asarray(limits, np.int64))
+    cell, key, index = cell[keep], key[keep], index[keep]
     order = np.lexsort((index, key, cell))
-    cell, key, index = cell[order], key[order], index[order]
-    first = np.searchsorted(cell, cell, side="left")
-    keep = (np.arange(cell.shape[0]) - first) < limits[cell]
-    return {"cell": cell[keep], "key": key[keep], "index": index[keep]}
+    return {"cell": cell[order], "key": key[order], "index": index[order]}
 
 
 # --------------------------------------------------------------------------
@@ -624,19 +726,26 @@ def merge(parts: list[dict[str, Any]], ctx: dict[str, Any]) -> dict[str, Any]:
         K = ctx["n_classes"]
         cj = np.zeros((K, K), np.int64)
         seen = np.zeros(K, np.int64)
+        positive = np.zeros((K, K), np.int64)
         for p in parts:
             c = _int_array(_get(p, "confident_joint_raw"), "confident_joint_raw", 2)
             sn = _int_array(_get(p, "seen"), "seen", 1)
             if c.shape != (K, K) or sn.shape != (K,):
                 raise BatchError(f"must be K x K and K counts (K = {K})", "confident_joint_raw")
+            pos = _int_array(_get(p, "positive"), "positive", 2)
+            if pos.shape != (K, K) or (pos < 0).any():
+                raise BatchError(f"must be K x K non-negative counts (K = {K})", "positive")
             cj += c
             seen += sn
+            positive += pos
         if (cj < 0).any() or (seen < 0).any() or (cj.sum(axis=1) > seen).any():
             raise BatchError("counts are negative or exceed the examples seen (a tampered partial)", "confident_joint_raw")
         issues = sum(int(_get(p, "issues")) for p in parts)
         if not 0 <= issues <= int(cj.sum() - np.trace(cj)):
             raise BatchError("the issue count does not fit the confident joint (a tampered partial)", "issues")
-        out.update({"confident_joint_raw": cj, "seen": seen, "issues": issues})
+        if (positive.sum(axis=0) > seen * (K - 1)).any():
+            raise BatchError("more positive margins than rows can have (a tampered partial)", "positive")
+        out.update({"confident_joint_raw": cj, "seen": seen, "issues": issues, "positive": positive})
     else:
         limits = np.asarray(ctx["limits"])
         cells, keys, index = [], [], []
@@ -646,15 +755,23 @@ def merge(parts: list[dict[str, Any]], ctx: dict[str, Any]) -> dict[str, Any]:
             ix = _int_array(_get(p, "index"), "index", 1)
             if not c.shape == kk.shape == ix.shape:
                 raise BatchError("cell, key and index must have the same length", "cell")
-            if c.size and (c.min() < 0 or c.max() >= limits.shape[0] or ix.min() < 0 or ix.max() >= ctx["n_examples"]):
-                raise BatchError("a cell or row index is out of range (a tampered partial)", "cell")
+            if c.size and (c.min() < 0 or c.max() >= limits.shape[0]):
+                raise BatchError("a cell is out of range (a tampered partial)", "cell")
+            if not _within(ix, _int_array(_get(p, "rows"), "rows", 2).reshape(-1, 2)):
+                raise BatchError("a row index is outside the partial's rows (a tampered partial)", "index")
             cells.append(c), keys.append(kk), index.append(ix)
-        index_all = _cat(index, np.int64)
-        cell_all = _cat(cells, np.int64)
-        if np.unique(np.stack([cell_all, index_all]), axis=1).shape[1] != index_all.shape[0]:
-            raise BatchError("a row comes twice in one cell (overlapping batches)", "index")
-        out.update(_select(cell_all, _cat(keys, np.float64), index_all, limits))
+        out.update(_select(_cat(cells, np.int64), _cat(keys, np.float64), _cat(index, np.int64), limits))
     return out
+
+
+def _within(index: np.ndarray, rows: np.ndarray) -> bool:
+    """Every index lies in one of the [start, end) ranges (which the merge
+    checks are disjoint, so no row comes from two partials)."""
+    if not index.size:
+        return True
+    r = rows[np.argsort(rows[:, 0])]
+    at = np.searchsorted(r[:, 0], index, side="right") - 1
+    return bool((at >= 0).all() and (index < r[np.maximum(at, 0), 1]).all())
 
 
 def _check_parts(parts: list[dict[str, Any]], ctx: dict[str, Any]) -> str:
@@ -727,7 +844,8 @@ def finalize(part: dict[str, Any], ctx: dict[str, Any]) -> dict[str, Any]:
                 "inverse_noise_matrix": noise.inverse_noise_matrix,
                 "py": noise.py,
                 "estimated_num_label_issues": estimated,
-                "limits": _limits(ctx, pcm, estimated, o),
+                "limits": (limits := _limits(ctx, pcm, estimated, o)),
+                "all_rows": limits[: K * K] > merged["positive"].reshape(-1),
             }
         )
     else:
@@ -773,22 +891,19 @@ def apply(labels: Any, pred_probs: Any, row_offset: int, ctx: dict[str, Any]) ->
     tprec = {"float16": kn.PREC16, "float32": kn.PREC32, "float64": kn.PREC64}[ctx["thresholds_dtype"]]
     thresholds = np.asarray(ctx["thresholds"], np.float64)
     if fb in core.PRUNE_METHODS or fb.startswith("low_"):
-        limits = np.asarray(ctx["limits"])
         cut_key, cut_index = np.asarray(ctx["cut_key"]), np.asarray(ctx["cut_index"])
         if fb.startswith("low_"):
             mask = np.zeros(N, np.bool_)
         else:
             mask = ~b.label_is_max
+        cell, key, row = _cell_entries(b, ctx, o)
+        hit = _at_or_below(key, row + b.offset, cut_key[cell], cut_index[cell])
         sel_rate = np.zeros(N, np.bool_)
+        sel_rate[row[hit & (cell < K * K)]] = True
         sel_class = np.zeros(N, np.bool_)
-        for c, key, rows in _cell_keys(b, ctx, o):
-            hit = _at_or_below(key, rows + b.offset, cut_key[c], cut_index[c])
-            if c < K * K:
-                sel_rate[rows[hit]] = True
-            elif c < K * K + K:
-                sel_class[rows[hit]] = True
-            else:
-                mask = hit
+        sel_class[row[hit & (cell >= K * K) & (cell < K * K + K)]] = True
+        if fb.startswith("low_"):
+            mask[row[hit & (cell == K * K + K)]] = True
         if fb in ("prune_by_noise_rate", "both"):
             mask &= sel_rate
         if fb in ("prune_by_class", "both"):

@@ -366,6 +366,7 @@ class BatchContext(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tru
     py: list[float] | None = None
     estimated_num_label_issues: int | None = None
     limits: list[int] | None = None
+    all_rows: list[bool] | None = None
     cut_key: list[float] | None = None
     cut_index: list[int] | None = None
 
@@ -389,6 +390,7 @@ class BatchPartial(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tru
     confident_joint_raw: list[list[int]] | None = None
     seen: list[int] | None = None
     issues: int | None = None
+    positive: list[list[int]] | None = None
     cell: list[int] | None = None
     key: list[float] | None = None
     index: list[int] | None = None
