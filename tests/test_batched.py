@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import datasets
 from service import batched, find_issues
@@ -212,3 +214,27 @@ def test_percentile_thresholds_refused():
     with pytest.raises(InputError) as e:
         batched.start([3, 3], 6, "float32", thresholds={"method": "percentile"})
     assert _field(e) == "options.thresholds.method"
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)
+@given(
+    n=st.integers(0, 300),
+    cells=st.integers(1, 6),
+    distinct=st.integers(1, 5),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_select_is_the_m_smallest_per_cell(n, cells, distinct, seed):
+    """The per-cell selection (counting sort + selection) equals sorting by
+    (cell, key, index) and keeping the first m of each cell; keys with many ties."""
+    rng = np.random.default_rng(seed)
+    cell = rng.integers(0, cells, n)
+    key = rng.integers(0, distinct, n).astype(np.float64) * 0.25 - 0.5
+    index = rng.permutation(10 * n + 1)[:n]
+    limits = rng.integers(0, 8, cells)
+    got = batched._select(cell, key, index, limits)
+    order = np.lexsort((index, key, cell))
+    rank = np.arange(n) - np.searchsorted(cell[order], cell[order])
+    want = order[rank < limits[cell[order]]]
+    assert got["cell"].tolist() == cell[want].tolist()
+    assert got["key"].tolist() == key[want].tolist()
+    assert got["index"].tolist() == index[want].tolist()
