@@ -148,6 +148,15 @@ def test_lint_strict_with_defaults_and_every_ci_values_file() -> None:
         ({"startupProbe": {"httpGet": {"path": "", "port": "http"}}}, "/startupProbe/httpGet/path"),
         ({"serviceMonitor": {"enabeld": True}}, "enabeld"),
         ({"podDisruptionBudget": {"maxUnavalable": 1}}, "maxUnavalable"),
+        ({"config": {"graceSeconds": 0}}, "/config/graceSeconds"),
+        ({"config": {"requestTimeoutSeconds": 0}}, "/config/requestTimeoutSeconds"),
+        ({"config": {"maxInflightBytes": -1}}, "/config/maxInflightBytes"),
+        ({"config": {"datasetTags": ["other"]}}, "/config/datasetTags/0"),  # labelq reserves it
+        ({"config": {"datasetTags": ["has space"]}}, "/config/datasetTags/0"),
+        ({"auth": {"keys": ["too-short"]}}, "/auth/keys/0"),  # labelq would refuse to start
+        ({"auth": {"keys": ["a key with spaces in it"]}}, "/auth/keys/0"),
+        ({"auth": {"existingSecret": "Not_A_Name"}}, "/auth/existingSecret"),
+        ({"auth": {"enabled": True}}, "enabled"),
     ],
 )
 def test_schema_rejects(values: dict[str, Any], where: str) -> None:
@@ -346,10 +355,72 @@ def test_environment_and_volumes(renders: dict[str, Render], variant: str) -> No
     assert env["NUMBA_CACHE_DIR"]["value"] == r.merged["cache"]["path"] == "/var/cache/labelq"
     volumes = {v["name"]: v for v in r.pod_spec["volumes"]}
     for mount in c["volumeMounts"]:
+        if "secret" in volumes[mount["name"]]:  # the API keys (test_api_keys_secret)
+            assert mount["readOnly"] is True
+            continue
         assert "emptyDir" in volumes[mount["name"]], mount
         assert volumes[mount["name"]]["emptyDir"].get("sizeLimit")
     for extra in r.merged["extraEnv"]:
         assert env[extra["name"]] == extra
+    config = r.merged["config"]
+    assert env["LABELQ_GRACE_SECONDS"]["value"] == str(config["graceSeconds"])
+    assert float(env["LABELQ_REQUEST_TIMEOUT_SECONDS"]["value"]) == config["requestTimeoutSeconds"]
+    assert env["LABELQ_MAX_INFLIGHT_BYTES"]["value"] == str(config["maxInflightBytes"])
+    assert env["LABELQ_DATASET_TAG_LIMIT"]["value"] == str(config["datasetTagLimit"])
+    if config["datasetTags"]:
+        assert env["LABELQ_DATASET_TAGS"]["value"] == ",".join(config["datasetTags"])
+    else:
+        assert "LABELQ_DATASET_TAGS" not in env
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_labelq_accepts_the_rendered_settings(renders: dict[str, Render], variant: str, tmp_path: Path) -> None:
+    """Every LABELQ_* value the chart renders is one labelq starts with (its own validation)."""
+    env = {name: e["value"] for name, e in _env(renders[variant].container).items() if name.startswith(PREFIX)}
+    if "LABELQ_API_KEYS_FILE" in env:  # stands for the mounted Secret
+        keys = tmp_path / "api-keys"
+        keys.write_text("\n".join(renders[variant].merged["auth"]["keys"] or ["k" * 32]) + "\n")
+        env["LABELQ_API_KEYS_FILE"] = str(keys)
+    settings = Settings.from_env(env)
+    assert settings.grace_seconds == renders[variant].merged["config"]["graceSeconds"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_api_keys_secret(renders: dict[str, Render], variant: str) -> None:
+    import base64
+
+    r = renders[variant]
+    auth = r.merged["auth"]
+    env = _env(r.container)
+    secrets = r.of_kind("Secret")
+    annotations = r.deployment["spec"]["template"]["metadata"].get("annotations") or {}
+    volumes = {v["name"]: v for v in r.pod_spec["volumes"]}
+    if not (auth["existingSecret"] or auth["keys"]):
+        assert "LABELQ_API_KEYS_FILE" not in env and "api-keys" not in volumes and not secrets
+        assert "checksum/api-keys" not in annotations
+        return
+    (mount,) = [m for m in r.container["volumeMounts"] if m["name"] == "api-keys"]
+    assert mount["readOnly"] is True
+    assert env["LABELQ_API_KEYS_FILE"]["value"] == mount["mountPath"] + "/api-keys"
+    secret_volume = volumes["api-keys"]["secret"]
+    assert secret_volume["items"] == [{"key": auth["secretKey"], "path": "api-keys"}]
+    assert not any(e.get("valueFrom", {}).get("secretKeyRef") for e in env.values())  # a file, not env vars
+    if auth["existingSecret"]:
+        assert secret_volume["secretName"] == auth["existingSecret"] and not secrets
+        assert "checksum/api-keys" not in annotations
+    else:
+        (secret,) = secrets
+        assert secret_volume["secretName"] == secret["metadata"]["name"]
+        assert secret["type"] == "Opaque"
+        text = base64.b64decode(secret["data"][auth["secretKey"]]).decode()
+        assert text.splitlines() == auth["keys"]
+        assert len(annotations["checksum/api-keys"]) == 64
+        # other keys roll the pods
+        other = chartpy.render(CHART, chartpy.merge(r.values, {"auth": {"keys": ["z" * 32]}}), name=RELEASE,
+                               namespace=NAMESPACE)  # fmt: skip
+        (deployment,) = [d for d in _docs(chartpy.to_stream(other)) if d["kind"] == "Deployment"]
+        assert deployment["spec"]["template"]["metadata"]["annotations"]["checksum/api-keys"] != annotations[
+            "checksum/api-keys"]  # fmt: skip
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -458,12 +529,23 @@ def test_shutdown(renders: dict[str, Render], variant: str) -> None:
     r = renders[variant]
     grace = r.pod_spec["terminationGracePeriodSeconds"]
     sleep = r.merged["preStopSleepSeconds"]
-    assert grace >= sleep + 30, "uvicorn's graceful shutdown takes up to 30 s after the preStop sleep"
+    drain = r.merged["config"]["graceSeconds"]
+    assert _env(r.container)["LABELQ_GRACE_SECONDS"]["value"] == str(drain)
+    assert grace >= sleep + drain, "labelq drains for LABELQ_GRACE_SECONDS after the preStop sleep"
     hook = r.container.get("lifecycle", {}).get("preStop")
     if sleep:
         assert hook == {"exec": {"command": ["sleep", str(sleep)]}}
     else:
         assert hook is None
+
+
+def test_grace_period_shorter_than_the_drain_is_refused() -> None:
+    import helm_python
+
+    with pytest.raises(helm_python.HelmRenderError, match="terminationGracePeriodSeconds"):
+        chartpy.render(CHART, {"terminationGracePeriodSeconds": 40, "config": {"graceSeconds": 36}})
+    rendered = chartpy.render(CHART, {"terminationGracePeriodSeconds": 41, "config": {"graceSeconds": 36}})
+    assert "LABELQ_GRACE_SECONDS" in chartpy.to_stream(rendered)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -71,3 +71,15 @@ the chart's appVersion).
 {{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
 {{- end }}
 {{- end }}
+
+{{/*
+Name of the Secret holding the API keys: `auth.existingSecret`, else `<fullname>-api-keys` when
+`auth.keys` are listed, else empty (no authentication).
+*/}}
+{{- define "labelq.authSecret" -}}
+{{- if .Values.auth.existingSecret }}
+{{- .Values.auth.existingSecret }}
+{{- else if .Values.auth.keys }}
+{{- printf "%s-api-keys" (include "labelq.fullname" . | trunc 54 | trimSuffix "-") }}
+{{- end }}
+{{- end }}
