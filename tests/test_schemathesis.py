@@ -38,14 +38,22 @@ from service.app import create_app
 from service.settings import Settings
 
 CHECKS = [not_a_server_error, response_schema_conformance, status_code_conformance, content_type_conformance]
-MAX_EXAMPLES = {"findIssues": 1500}  # per mode; other operations take no input
-BUDGET_SECONDS = {"findIssues": 50.0}
+# per mode; the operations not listed take no input
+MAX_EXAMPLES = {"findIssues": 1500, "datasetHealth": 500, "outOfDistribution": 500}
+BUDGET_SECONDS = {"findIssues": 50.0, "datasetHealth": 25.0, "outOfDistribution": 25.0}
+
+
+def _fit(values, k: int, fill):
+    """A generated per-class list cut or padded to K entries."""
+    return (list(values) + [fill] * k)[:k]
 
 
 def make_valid(case, fix: bool):
     """Keep the generated options, but make the data valid (rows normalised,
-    labels in range) when ``fix``: random rows almost never sum to 1, and the
-    200 answers must be checked against the schema too."""
+    labels in range, per-class options of K entries) when ``fix``: random rows
+    almost never sum to 1, and the 200 answers must be checked against the
+    schema too. Labels that are absent (optional for outOfDistribution) stay
+    absent."""
     if not fix:
         return case
     if case.media_type == "application/x-npz":
@@ -69,9 +77,19 @@ def make_valid(case, fix: bool):
         data.append([v / total for v in raw] if total > 0 else [1.0 / k] * k)
     labels = [abs(int(v)) % k for v in (body.get("labels") or [])][: len(data)]
     labels += [i % k for i in range(len(labels), len(data))]
-    fixed = {"labels": labels, "pred_probs": data}
-    if isinstance(body.get("options"), dict):
-        fixed["options"] = body["options"]
+    fixed = {"pred_probs": data} if "labels" not in body else {"labels": labels, "pred_probs": data}
+    options = body.get("options")
+    if isinstance(options, dict):
+        options = dict(options)
+        if isinstance(options.get("class_names"), list):
+            options["class_names"] = _fit(options["class_names"], k, "class")
+        if isinstance(options.get("confident_thresholds"), list):
+            options["confident_thresholds"] = _fit(
+                [min(abs(v), 1.0) if math.isfinite(v) else 0.5 for v in options["confident_thresholds"]], k, 0.5
+            )
+        if isinstance(options.get("num_to_remove_per_class"), list):
+            options["num_to_remove_per_class"] = _fit([abs(v) % 3 for v in options["num_to_remove_per_class"]], k, 0)
+        fixed["options"] = options
     case.body = fixed
     return case
 
@@ -117,7 +135,7 @@ def test_operation_conforms_to_its_schema(api_schema, method, path, operation_id
     statuses: Counter[int] = Counter()
 
     strategy = operation.as_strategy(generation_mode=mode)
-    if mode == GenerationMode.POSITIVE and operation_id == "findIssues":
+    if mode == GenerationMode.POSITIVE and operation_id in MAX_EXAMPLES:
         strategy = st.tuples(strategy, st.booleans()).map(lambda t: make_valid(*t))
 
     @given(case=strategy)
@@ -138,3 +156,5 @@ def test_operation_conforms_to_its_schema(api_schema, method, path, operation_id
     run()
     print(f"{operation_id} {mode.value}: {sum(statuses.values())} cases sent, statuses {dict(statuses)}")
     assert statuses, "no case was sent"
+    if mode == GenerationMode.POSITIVE and operation_id in MAX_EXAMPLES:
+        assert statuses[200], f"{operation_id}: no valid case was answered 200, so no answer was checked"
