@@ -4,8 +4,11 @@ When keys are configured (``LABELQ_API_KEYS``, ``LABELQ_API_KEYS_FILE``),
 :class:`BearerAuthMiddleware` runs app-wide, after routing and before any
 handler: every route requires a valid key except those in :data:`OPEN_PATHS`
 (the probes and the metrics, which orchestrators and Prometheus call without
-credentials). Routes added later are protected by default; opening one means
-adding its path template here.
+credentials) and :data:`PAGE_PATHS` (the report page and its static files,
+which hold no data: the page sends the key a person types into it with its
+API calls, and a browser could not send one to load the page itself). Routes
+added later are protected by default; opening one means adding its path
+template here.
 
 Keys are kept only as SHA-256 digests and a presented token is compared with
 every one of them with :func:`hmac.compare_digest` (same-length digests, no
@@ -21,14 +24,17 @@ import hmac
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+from service import report
 from service.errors import Unauthorized
 
 if TYPE_CHECKING:
     from litestar import Litestar
     from litestar.types import ASGIApp, Receive, Scope, Send
 
-#: Route templates open without a key.
+#: Route templates open without a key: the probes and the metrics.
 OPEN_PATHS = frozenset({"/health/live", "/health/ready", "/metrics"})
+#: The report page and its static files, open too (no data in them; see the module's docstring).
+PAGE_PATHS = frozenset({"/", *(f"/report/{name}" for name in report.ASSETS)})
 #: The name of the security scheme in the OpenAPI schema.
 SCHEME = "bearerAuth"
 REALM = 'Bearer realm="labelq"'
@@ -72,16 +78,21 @@ def bearer_token(scope: Scope) -> str | None:
     return None
 
 
+def is_open(path_template: str) -> bool:
+    """Whether a route (by its path template) is served without a key."""
+    return path_template in OPEN_PATHS or path_template in PAGE_PATHS
+
+
 class BearerAuthMiddleware:
     """Litestar middleware (app-wide): 401 problem+json with ``WWW-Authenticate: Bearer``
-    for a request without a valid key to any route but :data:`OPEN_PATHS`."""
+    for a request without a valid key to any route but :data:`OPEN_PATHS` and :data:`PAGE_PATHS`."""
 
     def __init__(self, app: ASGIApp, keys: ApiKeys) -> None:
         self.app = app
         self.keys = keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope.get("path_template") not in OPEN_PATHS:
+        if scope["type"] == "http" and not is_open(scope.get("path_template", "")):
             token = bearer_token(scope)
             if token is None:
                 raise Unauthorized(
@@ -124,7 +135,7 @@ def document(app: Litestar) -> None:
             operation: Any = getattr(item, method, None)
             if operation is None:
                 continue
-            if path in OPEN_PATHS:
+            if is_open(path):
                 operation.security = []
             else:
                 operation.responses = {**(operation.responses or {}), "401": unauthorized}

@@ -81,18 +81,31 @@ def _concrete(path: str) -> str:
 
 
 def test_every_other_route_is_protected_by_default(client: TestClient) -> None:
-    """Whatever routes the app has (others are added over time: report page, batched endpoints), every
-    method of every one answers 401 without a key unless its path is in auth.OPEN_PATHS."""
+    """Whatever routes the app has (others are added over time: batched endpoints...), every method of
+    every one answers 401 without a key unless its path is in auth.OPEN_PATHS or auth.PAGE_PATHS."""
     checked = 0
     for route in client.app.routes:
         for method in sorted(route.methods):
             r = client.request(method, _concrete(route.path))
-            if route.path in auth.OPEN_PATHS:
+            if auth.is_open(route.path):
                 assert r.status_code != 401, (method, route.path)
             else:
                 assert r.status_code == 401, (method, route.path, r.status_code)
                 checked += 1
     assert checked >= 6  # at least the three POST endpoints and the schema pages
+
+
+def test_the_report_page_is_open_and_its_api_calls_are_not(client: TestClient) -> None:
+    """The page and its files hold no data (a browser cannot send a key to load them); the page sends the
+    key typed into it with its calls to the API, which need it like any client's."""
+    paths = [p for p in auth.PAGE_PATHS if any(r.path == p for r in client.app.routes)]
+    if not paths:
+        pytest.skip("this build has no report page")
+    for path in paths:
+        r = client.get(path)
+        assert r.status_code == 200, (path, r.status_code)
+    assert_401(client.post("/dataset-health", json=GOOD))
+    assert client.post("/dataset-health", json=GOOD, headers=bearer(KEY_FILE)).status_code == 200
 
 
 def test_auth_comes_before_the_memory_budget(client: TestClient) -> None:
@@ -132,7 +145,7 @@ def test_schema_declares_the_bearer_scheme(client: TestClient) -> None:
     assert spec["security"] == [{auth.SCHEME: []}]
     for path, item in spec["paths"].items():
         for op in item.values():
-            if path in auth.OPEN_PATHS:
+            if auth.is_open(path):
                 assert op["security"] == [] and "401" not in op["responses"]
             else:
                 assert "security" not in op and "401" in op["responses"]
