@@ -37,6 +37,10 @@ FAMILIES = {
     "labelq_warmup_complete": ("gauge", set()),
     "labelq_warmup_duration_seconds": ("gauge", set()),
     "labelq_build_info": ("gauge", {"version", "numba", "numpy", "python"}),
+    # service/limits.py
+    "labelq_rejected_requests": ("counter", {"reason"}),
+    "labelq_inflight_reserved_bytes": ("gauge", set()),
+    "labelq_inflight_budget_bytes": ("gauge", set()),
 }
 
 
