@@ -46,7 +46,7 @@ from collections import deque
 from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -243,7 +243,7 @@ class KernelGate:
     def waiting(self) -> int:
         return len(self._waiters)
 
-    def __enter__(self) -> KernelGate:
+    def __enter__(self) -> Self:
         ticket = _ticket.get()
         if ticket is None or ticket.deadline is None:
             self.acquire()

@@ -235,7 +235,9 @@ def test_k_squared_working_memory_over_the_budget_is_413() -> None:
             r = c.post(route, content=body, headers={"Content-Type": "application/json"})
             assert r.status_code == 413, r.text
             p = r.json()
-            assert p["field"] == "pred_probs" and "2 x 3000" in p["detail"] and "LABELQ_MAX_INFLIGHT_BYTES" in p["detail"]
+            assert (
+                p["field"] == "pred_probs" and "2 x 3000" in p["detail"] and "LABELQ_MAX_INFLIGHT_BYTES" in p["detail"]
+            )
         # out-of-distribution has no K x K work: it is answered
         r = c.post("/out-of-distribution", content=body, headers={"Content-Type": "application/json"})
         assert r.status_code == 200, r.text
@@ -309,10 +311,20 @@ def test_identity_content_encoding_is_accepted() -> None:
         (b'{"labels": [0, 1], "pred_probs": [[1, 0], [0, 1]], "pred_probs": [[1, 0], [0, 1]]}', "pred_probs"),
         (b'{"labels": [0, 1], "pred_probs": [[1, 0], [0, 1]], "labels": [0, 1]}', "labels"),
         (b'{"options": {}, "labels": [0, 1], "pred_probs": [[1, 0], [0, 1]], "options": {}}', "options"),
-        (b'{"labels": [0, 1], "pred_probs": [[1, 0], [0, 1]], "options": {"rank_by": "self_confidence", '
-         b'"rank_by": "normalized_margin"}}', "options.rank_by"),
-        (b'{"labels": [0, 1], "pred_probs": [[1, 0], [0, 1]], "options": {"thresholds": {"method": "mean", '
-         b'"method": "percentile"}}}', "options.thresholds.method"),
+        (
+            (
+                b'{"labels": [0, 1], "pred_probs": [[1, 0], [0, 1]], "options": {"rank_by": "self_confidence", '
+                b'"rank_by": "normalized_margin"}}'
+            ),
+            "options.rank_by",
+        ),
+        (
+            (
+                b'{"labels": [0, 1], "pred_probs": [[1, 0], [0, 1]], "options": {"thresholds": {"method": "mean", '
+                b'"method": "percentile"}}}'
+            ),
+            "options.thresholds.method",
+        ),
         (b'{"lab\\u0065ls": [0, 1], "labels": [0, 1], "pred_probs": [[1, 0], [0, 1]]}', "labels"),  # same key
     ],
 )

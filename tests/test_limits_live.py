@@ -98,8 +98,10 @@ def test_a_burst_over_the_memory_budget_gets_200_or_503(tmp_path) -> None:
                 again = post(served.base, body, ctype)
                 assert again.status_code == 200, again.text
         assert served.proc.poll() is None
-        print(f"burst: {statuses.count(200)} x 200, {statuses.count(503)} x 503; server RSS {rss_before / MiB:.0f} "
-              f"MiB before, peak {hwm / MiB:.0f} MiB (budget {budget / MiB:.0f} MiB)")
+        print(
+            f"burst: {statuses.count(200)} x 200, {statuses.count(503)} x 503; server RSS {rss_before / MiB:.0f} "
+            f"MiB before, peak {hwm / MiB:.0f} MiB (budget {budget / MiB:.0f} MiB)"
+        )
     # Resident memory grew by about the budget (0.96 to 1.25 x measured), where the twelve requests at
     # once would need ~600 MB: the estimates cover the transient copies; allow for the allocator's slack.
     assert hwm - rss_before < 1.6 * budget, (rss_before, hwm)
