@@ -618,13 +618,6 @@ def test_100k_by_100_stays_responsive(session: Session, tmp_path: Path) -> None:
 API_KEY = "report-page-key-0123456789"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="with API keys configured, service.auth protects every route not in auth.OPEN_PATHS, the page's "
-    "included: a browser cannot send a Bearer header when it opens a page or loads its scripts. The page and "
-    "its files hold no data; opening them needs '/' and '/report/<file>' in auth.OPEN_PATHS (auth.py is "
-    "another agent's). Strict: this turns into a failure, to remove the marker, once they are open.",
-)
 def test_with_api_keys_the_page_opens_and_sends_the_key(
     browser: Browser, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
 ) -> None:
