@@ -466,24 +466,29 @@ def confident_pass(B, labels, tbits, argmax, n_chunks):
     """
     N, K = B.shape
     offdiag = np.zeros(N, np.bool_)
-    counts = np.zeros((n_chunks, K, K), np.int64)
+    guess = np.full(N, -1, np.int32)
     size = (N + n_chunks - 1) // n_chunks
     for c in prange(n_chunks):
         for i in range(c * size, min(N, (c + 1) * size)):
             b = B[i]
             nconf = _count_at_least(b, tbits)
             if nconf > 0:
-                y = labels[i]
-                if nconf > 1:
-                    g = argmax[i]
-                else:
-                    g = _first_at_least(b, tbits)
-                counts[c, y, g] += 1
-                offdiag[i] = g != y
+                g = argmax[i] if nconf > 1 else _first_at_least(b, tbits)
+                guess[i] = g
+                offdiag[i] = g != labels[i]
+    return offdiag, _count_pairs(labels, guess, K)
+
+
+@njit(**_JIT)
+def _count_pairs(labels, guess, K):
+    """The confident joint from each row's guess (-1: counted nowhere); one
+    serial O(N) pass, so parallel chunks need no K x K buffers of their own."""
     cj = np.zeros((K, K), np.int64)
-    for c in range(n_chunks):
-        cj += counts[c]
-    return offdiag, cj
+    for i in range(labels.shape[0]):
+        g = guess[i]
+        if g >= 0:
+            cj[labels[i], g] += 1
+    return cj
 
 
 # --------------------------------------------------------------------------
@@ -737,12 +742,26 @@ def apply_num_to_remove_per_class(pcm, num_to_remove, label_counts):
 # --------------------------------------------------------------------------
 
 
-@njit(inline="always", **_JIT)
-def _tally_above(b, bk, wanted, tally):
-    """``tally[j] += 1`` where the row's value in column j exceeds column k's
-    (bit patterns) and the cell is wanted; elementwise, so it vectorises."""
-    for j in range(b.shape[0]):
-        tally[j] += (b[j] > bk) & wanted[j]
+@njit(**_JIT)
+def _compact(keys, rows, base, count, m):
+    """Keep, in place and in order, the ``m`` smallest of ``keys[base:base +
+    count]`` (equal keys: the earliest, which are the lowest row numbers);
+    returns the m-th smallest key, the cut-off for later candidates."""
+    cut = np.partition(keys[base : base + count].copy(), m - 1)[m - 1]
+    below = 0
+    for t in range(base, base + count):
+        below += keys[t] < cut
+    room = m - below
+    w = base
+    for t in range(base, base + count):
+        v = keys[t]
+        if v < cut or (v == cut and room > 0):
+            if v == cut:
+                room -= 1
+            keys[w] = v
+            rows[w] = rows[t]
+            w += 1
+    return cut
 
 
 @njit(parallel=True, **_JIT)
@@ -753,11 +772,13 @@ def prune_by_noise_rate(P, B, order, starts, nonmax, pcm, min_examples_per_class
 
     Without sorting whole classes: a positive margin needs ``P[i, j] >
     P[i, k]``, so only rows whose label is not their maximum (``nonmax``) can
-    have one. Those rows are read row by row (comparing bit patterns ``B``,
-    which order like the values), and their positive margins collected per
-    cell. A cell with at least as many positive margins
-    as rows to prune is selected among them (O(count)); a cell with fewer
-    (rare) is selected among all rows of the class.
+    have one. Those rows are read once, in index order (comparing bit
+    patterns ``B``, which order like the values); each cell keeps its
+    positive margins in a buffer of ``2 m + 16`` that, when full, is cut back
+    to its ``m`` smallest keys, and later keys at or above that cut-off are
+    not kept (a tie loses to the earlier row). A cell with fewer positive
+    margins than rows to prune (rare) is selected among all rows of the class.
+    Memory per class O(sum of m + K).
     """
     K = starts.shape[0] - 1
     N = order.shape[0]
@@ -768,55 +789,46 @@ def prune_by_noise_rate(P, B, order, starts, nonmax, pcm, min_examples_per_class
         # The reference skips small classes, and never applies a class mask of length one.
         if n <= min_examples_per_class or n <= 1:
             continue
-        wanted = np.zeros(K, np.bool_)
+        want = np.zeros(K, np.int64)
+        base = np.zeros(K + 1, np.int64)
         for j in range(K):
-            wanted[j] = j != k and pcm[j, k] > 0
-        # Count, then collect, the positive margins per cell (j).
-        tally = np.zeros(K, np.int64)
+            m = pcm[j, k] if j != k else 0
+            want[j] = max(m, 0)
+            base[j + 1] = base[j] + (2 * m + 16 if m > 0 else 0)
+        keys = np.empty(base[K], np.float64)
+        rows = np.empty(base[K], np.int64)
+        fill = np.zeros(K, np.int64)
+        positive = np.zeros(K, np.int64)
+        cut = np.full(K, np.inf)
         for t in range(n):
             i = order[lo + t]
-            if nonmax[i]:
-                _tally_above(B[i], B[i, k], wanted, tally)
-        count = np.zeros(K + 1, np.int64)
-        for j in range(K):
-            count[j + 1] = count[j] + tally[j]
-        # Collect all cells' positive margins at once, unless they would take
-        # more than a few times the class's size (rows positive for many
-        # classes, e.g. near-uniform ones): then one cell at a time, so memory
-        # stays O(N).
-        at_once = count[K] <= 4 * n
-        fill = count[:K].copy()
-        size = count[K] if at_once else n
-        keys = np.empty(size, np.float64)
-        rows = np.empty(size, np.int64)
-        if at_once:
-            for t in range(n):
-                i = order[lo + t]
-                if nonmax[i]:
-                    b = B[i]
-                    bk = b[k]
-                    pk = _ld(P[i, k])
-                    for j in range(K):
-                        if b[j] > bk and wanted[j]:
-                            keys[fill[j]] = -_rnd(_ld(P[i, j]) - pk, prec)
-                            rows[fill[j]] = i
-                            fill[j] += 1
-        for j in range(K):
-            if not wanted[j]:
+            if not nonmax[i]:
                 continue
-            m = pcm[j, k]
-            a, b = count[j], count[j + 1]
-            if not at_once and b - a >= m:
-                a, b = 0, 0
-                for t in range(n):
-                    i = order[lo + t]
-                    if nonmax[i] and B[i, j] > B[i, k]:
-                        keys[b] = -_rnd(_ld(P[i, j]) - _ld(P[i, k]), prec)
-                        rows[b] = i
-                        b += 1
-            if b - a >= m:
-                sel = _select_smallest(keys[a:b], m)
-                for t in range(b - a):
+            b = B[i]
+            bk = b[k]
+            pk = _ld(P[i, k])
+            for j in range(K):
+                if b[j] > bk and want[j] > 0:
+                    positive[j] += 1
+                    key = -_rnd(_ld(P[i, j]) - pk, prec)
+                    if key >= cut[j]:
+                        continue
+                    if fill[j] == base[j + 1] - base[j]:
+                        cut[j] = _compact(keys, rows, base[j], fill[j], want[j])
+                        fill[j] = want[j]
+                        if key >= cut[j]:
+                            continue
+                    keys[base[j] + fill[j]] = key
+                    rows[base[j] + fill[j]] = i
+                    fill[j] += 1
+        for j in range(K):
+            m = want[j]
+            if m == 0:
+                continue
+            if positive[j] >= m:
+                a = base[j]
+                sel = _select_smallest(keys[a : a + fill[j]], m)
+                for t in range(fill[j]):
                     if sel[t]:
                         mask[rows[a + t]] = True
             else:
@@ -1091,7 +1103,7 @@ def confident_pass_categories(B, labels, tbits, obits, argmax, n_chunks):
     N, K = B.shape
     offdiag = np.zeros(N, np.bool_)
     category = np.empty(N, np.int8)
-    joint = np.zeros((n_chunks, K, K), np.int64)
+    guess = np.full(N, -1, np.int32)
     tally = np.zeros((n_chunks, 4), np.int64)
     size = (N + n_chunks - 1) // n_chunks
     for c in prange(n_chunks):
@@ -1101,7 +1113,7 @@ def confident_pass_categories(B, labels, tbits, obits, argmax, n_chunks):
             if nconf > 0:
                 y = labels[i]
                 g = argmax[i] if nconf > 1 else _first_at_least(b, tbits)
-                joint[c, y, g] += 1
+                guess[i] = g
                 offdiag[i] = g != y
                 v = CATEGORY_LABEL_ISSUE if g != y else CATEGORY_OK
             elif _count_at_least(b, obits) == 0:
@@ -1110,12 +1122,10 @@ def confident_pass_categories(B, labels, tbits, obits, argmax, n_chunks):
                 v = CATEGORY_UNCONFIDENT
             category[i] = v
             tally[c, v] += 1
-    cj = np.zeros((K, K), np.int64)
     counts = np.zeros(4, np.int64)
     for c in range(n_chunks):
-        cj += joint[c]
         counts += tally[c]
-    return offdiag, cj, category, counts
+    return offdiag, _count_pairs(labels, guess, K), category, counts
 
 
 @njit(**_JIT)
