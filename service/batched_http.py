@@ -24,7 +24,7 @@ import numpy as np
 import orjson
 from litestar import Request, Response, post
 
-from service import batched, npz
+from service import batched, limits, npz
 from service.errors import InputError, UnsupportedMediaType
 from service.schemas import (
     BatchContext,
@@ -48,6 +48,7 @@ def _decode(body: bytes, type_: type[msgspec.Struct]) -> Any:
 
     if not body:
         raise BadRequest("the request body is empty", "body")
+    limits.admit_json(body)
     try:
         return msgspec.json.decode(body, type=type_)
     except msgspec.ValidationError as exc:
@@ -77,7 +78,9 @@ def _json_only(request: Request) -> None:
 
 def _map_sync(step: str, body: bytes, media: str, max_cells: int) -> dict[str, Any]:
     if media == npz.MEDIA_TYPE:
-        arrays = npz.read_request(body, max_cells, extra=batched.NPZ_EXTRA)
+        arrays = npz.read_request(
+            body, max_cells, extra=batched.NPZ_EXTRA, admit=lambda shapes: limits.admit_npz(len(body), shapes)
+        )
         labels, P = arrays["labels"], arrays["pred_probs"]
         if "context" not in arrays or "row_offset" not in arrays:
             raise InputError("a batch npz needs arrays context (JSON as uint8) and row_offset", "context")
@@ -96,7 +99,8 @@ def _map_sync(step: str, body: bytes, media: str, max_cells: int) -> dict[str, A
         if P.size > max_cells:
             raise InputError(f"pred_probs has {P.size} elements; the limit is {max_cells}", "pred_probs")
     context = _context(ctx)
-    labels = np.asarray(labels, dtype=np.int64) if not isinstance(labels, np.ndarray) else labels
+    labels = np.asarray(labels)  # checked with the batch (integers in [0, K))
+    limits.admit_compute(len(body), [labels, P])
     if step == "sums":
         if class_offsets is None:
             raise InputError("the sums pass needs class_offsets", "class_offsets")
