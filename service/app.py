@@ -35,7 +35,7 @@ from litestar.openapi.spec import (
 )
 
 from service import __version__, core, health, metrics, npz, report
-from service import auth, jsonkeys, limits
+from service import auth, batched, jsonkeys, limits
 from service.errors import InputError, LabelqError, PayloadTooLarge, UnsupportedMediaType
 from service.schemas import (
     DatasetHealthRequest,
@@ -540,10 +540,17 @@ def warm_up() -> None:
     rng = np.random.default_rng(0)
     P = rng.dirichlet(np.ones(3), 24)
     labels = np.arange(24) % 3
+    # Arrays read from an npz body are read-only: numba compiles those separately.
+    labels_ro = labels.copy()
+    labels_ro.flags.writeable = False
     for dtype in (np.float64, np.float32, np.float16):
         Pd = P.astype(dtype)
+        Pd_ro = Pd.copy()
+        Pd_ro.flags.writeable = False
         for fb in core.FILTER_BY:
             core.find_issues(labels, Pd, filter_by=fb, prob_tolerance=0.01)
+            core.find_issues(labels_ro, Pd_ro, filter_by=fb, prob_tolerance=0.01)
+            batched.run(labels_ro, Pd_ro, 10, filter_by=fb, prob_tolerance=0.01)
         for rb in core.RANK_BY:
             core.find_issues(labels, Pd, rank_by=rb, prob_tolerance=0.01)
         core.find_issues(labels, Pd, adjust_pred_probs=True, prob_tolerance=0.01)

@@ -799,7 +799,9 @@ def prune_by_noise_rate(P, B, order, starts, nonmax, pcm, min_examples_per_class
         rows = np.empty(base[K], np.int64)
         fill = np.zeros(K, np.int64)
         positive = np.zeros(K, np.int64)
+        wanted = want > 0
         cut = np.full(K, np.inf)
+        row_keys = np.empty(K, np.float64)
         for t in range(n):
             i = order[lo + t]
             if not nonmax[i]:
@@ -807,12 +809,24 @@ def prune_by_noise_rate(P, B, order, starts, nonmax, pcm, min_examples_per_class
             b = B[i]
             bk = b[k]
             pk = _ld(P[i, k])
+            # Branch-free over the row (it vectorises): a positive margin's key, else +inf;
+            # one loop per precision, so that the rounding is not a branch inside it.
             for j in range(K):
-                if b[j] > bk and want[j] > 0:
-                    positive[j] += 1
-                    key = -_rnd(_ld(P[i, j]) - pk, prec)
-                    if key >= cut[j]:
-                        continue
+                pos = (b[j] > bk) & wanted[j]
+                positive[j] += pos
+            if prec == PREC64:
+                for j in range(K):
+                    row_keys[j] = -(_ld(P[i, j]) - pk) if (b[j] > bk) & wanted[j] else np.inf
+            elif prec == PREC32:
+                for j in range(K):
+                    d = np.float64(np.float32(_ld(P[i, j]) - pk))
+                    row_keys[j] = -d if (b[j] > bk) & wanted[j] else np.inf
+            else:
+                for j in range(K):
+                    row_keys[j] = -_rnd(_ld(P[i, j]) - pk, prec) if (b[j] > bk) & wanted[j] else np.inf
+            for j in range(K):
+                key = row_keys[j]
+                if key < cut[j]:  # rare once the cells' buffers have filled
                     if fill[j] == base[j + 1] - base[j]:
                         cut[j] = _compact(keys, rows, base[j], fill[j], want[j])
                         fill[j] = want[j]
