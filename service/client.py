@@ -166,14 +166,14 @@ class BatchedClient:
                 if kind == "sums":
                     before[:] += np.bincount(np.asarray(y), minlength=K)
                 body = _batch_npz(y, P, offset, ctx, **extra)
-                yield (lambda body=body: self._post(f"/batched/{kind}", content=body)), len(y)
+                yield (lambda body=body: self._post(f"/batched/{kind}", content=body, accept_npz=True)), len(y)
                 offset += len(y)
 
         for part in self._run_all(kind, calls()):
-            pending.append(part)
-            if len(pending) >= 16:  # merge as they come: the client holds few partials
-                pending = [self._post("/batched/merge", json={"context": ctx, "partials": pending})]
-        return self._post("/batched/finalize", json={"context": ctx, "partials": pending})
+            pending.append(_scalars(part))
+            if len(pending) >= 8:  # merged here as they come (the merges are cheap): few partials held
+                pending = [batched.merge(pending, ctx)]
+        return self._post("/batched/finalize", json={"context": ctx, "partials": [batched.merge(pending, ctx)]})
 
     def _apply(self, source: Batches, ctx: dict[str, Any], n: int, out_dir: Any) -> core.FindIssuesResult:
         flags, scores, suggested = _outputs(n, out_dir)
@@ -235,6 +235,11 @@ def _pieces(body: bytes, size: int = 1 << 20) -> Iterator[bytes]:
     view = memoryview(body)
     for i in range(0, len(body), size):
         yield bytes(view[i : i + size])
+
+
+def _scalars(part: dict[str, Any]) -> dict[str, Any]:
+    """A partial read from an npz: its 0-d arrays as Python scalars."""
+    return {k: (v.item() if isinstance(v, np.ndarray) and v.ndim == 0 else v) for k, v in part.items()}
 
 
 def _retry_after(r: httpx.Response, default: float) -> float:
