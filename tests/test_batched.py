@@ -14,17 +14,10 @@ from hypothesis import strategies as st
 
 import datasets
 from service import batched, find_issues
+from service.core import FILTER_BY
 from service.errors import InputError
 
-FILTERS = [
-    "prune_by_noise_rate",
-    "prune_by_class",
-    "both",
-    "confident_learning",
-    "predicted_neq_given",
-    "low_normalized_margin",
-    "low_self_confidence",
-]
+FILTERS = list(FILTER_BY)
 SPECS = datasets.specs()
 # Small sets for one-row batches, and larger ones that need deep sum trees
 # (classes over 128 and, in float16, over 8192 values), missing classes and ties.
