@@ -86,6 +86,8 @@ class BatchedClient:
         self._next = itertools.cycle(range(len(self.urls)))
         self._lock = threading.Lock()
         self._progress = progress
+        #: Calls sent again so far (after a connection error or a 503).
+        self.retried = 0
 
     def close(self) -> None:
         self._http.close()
@@ -115,8 +117,10 @@ class BatchedClient:
                     raise ServiceError(0, f"{url}{path}: {exc!r}") from exc
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
+                self._count_retry()
                 continue
             if r.status_code == 503 and attempt < self.retries:
+                self._count_retry()
                 time.sleep(_retry_after(r, delay))
                 delay = min(delay * 2, 5.0)
                 continue
@@ -130,6 +134,10 @@ class BatchedClient:
                     return {name: z[name] for name in z.files}
             return orjson.loads(r.content)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _count_retry(self) -> None:
+        with self._lock:
+            self.retried += 1
 
     # ------------------------------------------------------------------ the run
 

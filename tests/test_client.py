@@ -85,3 +85,16 @@ def test_client_reports_the_service_error(replicas, data):
         with pytest.raises(ServiceError) as e:
             client.find_issues(labels, bad)
     assert e.value.status == 422 and e.value.problem["field"] == "pred_probs[4321][7]"
+
+
+def test_client_retries_503_and_stays_exact(tmp_path, data):
+    """A replica whose memory budget holds about one batch answers a burst of
+    concurrent batches with 503 + Retry-After; the client waits and sends them
+    again, and the result is still exact."""
+    labels, P = data
+    env = {"LABELQ_THREADS": "1", "LABELQ_MAX_INFLIGHT_BYTES": str(3 << 20)}
+    with serve(tmp_path / "small.log", env=env) as small:
+        with BatchedClient(small.base, batch_size=1250, concurrency=6, retries=30) as client:
+            res = client.find_issues(labels, P)
+            assert client.retried > 0
+    assert_same(find_issues(labels, P), res)
