@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -35,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from serving import serve  # noqa: E402  (tests/serving.py: `labelq serve` on loopback, ready)
+from serving import serve
 
 
 def write_dataset(path: Path, n: int, k: int, seed: int = 0, noise: float = 0.1) -> None:

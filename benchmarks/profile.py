@@ -19,10 +19,10 @@ import numpy as np
 from numba import njit, prange
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import dataset  # noqa: E402
+from run import dataset
 
-from service import core, find_issues  # noqa: E402
-from service import kernels as kn  # noqa: E402
+from service import core, find_issues
+from service import kernels as kn
 
 
 @njit(parallel=True, cache=True)

@@ -30,7 +30,6 @@ from service.schemas import (
     BatchContext,
     BatchMapRequest,
     BatchMergeRequest,
-    BatchPartial,
     BatchStartRequest,
 )
 

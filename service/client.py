@@ -95,7 +95,7 @@ class BatchedClient:
     def __enter__(self) -> BatchedClient:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # ------------------------------------------------------------------ calls
@@ -112,7 +112,7 @@ class BatchedClient:
                 url = self.urls[next(self._next)]
             try:
                 r = self._http.post(url.rstrip("/") + path, content=_pieces(body), headers=headers)
-            except (httpx.TransportError,) as exc:  # connection refused/reset, timeouts: try again (next URL)
+            except httpx.TransportError as exc:  # connection refused/reset, timeouts: try again (next URL)
                 if attempt == self.retries:
                     raise ServiceError(0, f"{url}{path}: {exc!r}") from exc
                 time.sleep(delay)

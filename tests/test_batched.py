@@ -7,12 +7,12 @@ groupings; and the checks that refuse partials that do not fit.
 
 from __future__ import annotations
 
+import datasets
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import datasets
 from service import batched, find_issues
 from service.core import FILTER_BY
 from service.errors import InputError

@@ -5,21 +5,21 @@ never a 500."""
 from __future__ import annotations
 
 import copy
-from collections import Counter
 import io
+from collections import Counter
 
+import datasets
 import numpy as np
 import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from litestar.testing import TestClient
+from test_batched import assert_same
 
-import datasets
 from service import batched, find_issues
 from service.app import create_app
 from service.settings import Settings
-from test_batched import assert_same
 
 SPEC = next(s for s in datasets.specs() if s.n == 1000 and s.k == 25 and s.dtype == "float16")
 NPZ = "application/x-npz"

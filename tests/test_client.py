@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import threading
 
+import datasets
 import numpy as np
 import pytest
-
-import datasets
 from serving import serve
+from test_batched import FILTERS, assert_same
+
 from service import find_issues
 from service.client import BatchedClient, ServiceError
-from test_batched import FILTERS, assert_same
 
 SPEC = next(s for s in datasets.specs() if s.n == 5000 and s.k == 50 and s.dtype == "float32")
 
@@ -81,9 +81,8 @@ def test_client_reports_the_service_error(replicas, data):
     labels, P = data
     bad = P.copy()
     bad[4321, 7] = -0.5
-    with BatchedClient(replicas[0].base, batch_size=1000) as client:
-        with pytest.raises(ServiceError) as e:
-            client.find_issues(labels, bad)
+    with BatchedClient(replicas[0].base, batch_size=1000) as client, pytest.raises(ServiceError) as e:
+        client.find_issues(labels, bad)
     assert e.value.status == 422 and e.value.problem["field"] == "pred_probs[4321][7]"
 
 

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
-
 import datasets
-from service import find_issues
+import pytest
 from test_batched import assert_same
+
+from service import find_issues
 
 dask = pytest.importorskip("dask")
 da = pytest.importorskip("dask.array")
 distributed = pytest.importorskip("distributed")
 
-from service.dask_adapter import find_issues as dask_find_issues  # noqa: E402
+from service.dask_adapter import find_issues as dask_find_issues
 
 SPEC = next(s for s in datasets.specs() if s.n == 5000 and s.k == 50 and s.dtype == "float16")
 
