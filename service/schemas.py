@@ -125,7 +125,10 @@ class NoiseEstimates(msgspec.Struct):
         list[list[int]], Meta(description="Calibrated confident joint (K x K): rows given label, columns true label.")
     ]
     joint: Annotated[list[list[float]], Meta(description="Estimated joint P(given, true) (K x K).")]
-    noise_matrix: Annotated[list[list[float]], Meta(description="P(given | true) (K x K), columns sum to 1.")]
+    noise_matrix: Annotated[
+        list[list[float]],
+        Meta(description="P(given | true) (K x K); columns sum to 1, or are all zero for a true class left empty."),
+    ]
     inverse_noise_matrix: Annotated[list[list[float]], Meta(description="P(true | given) (K x K), columns sum to 1.")]
     py: Annotated[list[float], Meta(description="Estimated prior of the true labels (K).")]
     estimated_num_label_issues: Annotated[
