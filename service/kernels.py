@@ -631,6 +631,9 @@ def _py_cnt(ps, nm, inm):
     return _clip_values(py, CLIPPING_LOWER_BOUND, 1.0, 1.0)
 
 
+_TILE = 32
+
+
 @njit(**_JIT)
 def estimate_latent(cj, label_counts):
     """Class priors ``py``, noise matrix P(given | true) and inverse noise
@@ -652,20 +655,26 @@ def estimate_latent(cj, label_counts):
     py = _py_cnt(ps, nm, inm)
     nm = _clip_noise_rates(nm)
     inm = _clip_noise_rates(inm)
+    # The transposed reads below go tile by tile (_TILE x _TILE), which keeps
+    # both matrices in cache at large K; every entry is computed as before.
     for _ in range(3):
         for _ in range(5):
             tmp = np.empty((K, K), np.float64)
-            for i in range(K):
-                for j in range(K):
-                    # joint[j, i] = nm[j, i] * py[i];  inverse[i, j] = joint[j, i] / ps[j]
-                    tmp[i, j] = nm[j, i] * py[i] / max(ps[j], TINY_VALUE)
+            for i0 in range(0, K, _TILE):
+                for j0 in range(0, K, _TILE):
+                    for i in range(i0, min(i0 + _TILE, K)):
+                        for j in range(j0, min(j0 + _TILE, K)):
+                            # joint[j, i] = nm[j, i] * py[i];  inverse[i, j] = joint[j, i] / ps[j]
+                            tmp[i, j] = nm[j, i] * py[i] / max(ps[j], TINY_VALUE)
             inm = _clip_noise_rates(tmp)
             py = _py_cnt(ps, nm, inm)
         tmp = np.empty((K, K), np.float64)
-        for i in range(K):
-            for j in range(K):
-                # joint[i, j] = inverse[j, i] * ps[i];  noise[i, j] = joint[i, j] / py[j]
-                tmp[i, j] = inm[j, i] * ps[i] / max(py[j], TINY_VALUE)
+        for i0 in range(0, K, _TILE):
+            for j0 in range(0, K, _TILE):
+                for i in range(i0, min(i0 + _TILE, K)):
+                    for j in range(j0, min(j0 + _TILE, K)):
+                        # joint[i, j] = inverse[j, i] * ps[i];  noise[i, j] = joint[i, j] / py[j]
+                        tmp[i, j] = inm[j, i] * ps[i] / max(py[j], TINY_VALUE)
         nm = _clip_noise_rates(tmp)
     py = _clip_values(py, 1e-5, 1.0, 1.0)
     nm = _clip_noise_rates(nm)
