@@ -30,16 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from service import find_issues  # noqa: E402
+from service.core import FILTER_BY  # noqa: E402
 
-METHODS = [
-    "prune_by_noise_rate",
-    "prune_by_class",
-    "both",
-    "confident_learning",
-    "predicted_neq_given",
-    "low_normalized_margin",
-    "low_self_confidence",
-]
+METHODS = list(FILTER_BY)
 
 
 # ---------------------------------------------------------------- data and timing

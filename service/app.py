@@ -312,35 +312,6 @@ class State:
         self.draining = threading.Event()
 
 
-def _find_issues_sync(
-    body: bytes, media: str, query: list[tuple[str, str]], want_npz: bool, max_cells: int
-) -> tuple[bytes, str]:
-    t0 = time.perf_counter()
-    if media == npz.MEDIA_TYPE:
-        labels, P, options = decode_npz_request(body, query, max_cells)
-    else:
-        if query:
-            raise InputError("with a JSON body, options go in the body's `options`, not the query", "query")
-        labels, P, options = decode_json_request(body)
-        _check_cells(P, max_cells)
-    t1 = time.perf_counter()
-    limits.admit_compute(len(body), [labels, P])
-    result = core.find_issues(labels, P, **options)
-    t2 = time.perf_counter()
-    metrics.observe_result(
-        filter_by=options.get("filter_by") or core.Options.filter_by, n=result.n_examples, k=result.n_classes,
-        flagged=result.num_label_issues, kernel_seconds=result.timings["kernel"],
-    )
-    if want_npz:
-        out = npz.write_response(result.to_dict())
-    else:
-        out = orjson.dumps(result.to_dict(), option=orjson.OPT_SERIALIZE_NUMPY)
-    t3 = time.perf_counter()
-    timing = {"decode": t1 - t0, **result.timings, "encode": t3 - t2}
-    server_timing = ", ".join(f"{k};dur={v * 1000:.3f}" for k, v in timing.items())
-    return out, server_timing
-
-
 def _wants_npz(request: Request) -> bool:
     return npz.MEDIA_TYPE in request.headers.get("accept", "").lower()
 
@@ -360,37 +331,34 @@ def _wants_npz(request: Request) -> bool:
     ),
 )
 async def find_issues(request: Request) -> Response:
-    media = _media_type(request)
-    if media not in (JSON, npz.MEDIA_TYPE):
-        raise UnsupportedMediaType(
-            f"Content-Type must be {JSON} or {npz.MEDIA_TYPE}; got {request.headers.get('content-type') or 'none'}",
-            "Content-Type",
-        )
-    settings: Settings = request.app.state.settings
-    body = await request.body()
-    want_npz = _wants_npz(request)
-    query = list(request.query_params.multi_items())
-    content, server_timing = await anyio.to_thread.run_sync(
-        _find_issues_sync, body, media, query, want_npz, settings.max_cells
-    )
-    return Response(
-        content=content, media_type=npz.MEDIA_TYPE if want_npz else JSON, headers={"Server-Timing": server_timing}
-    )
+    return await _serve(request, _FIND_ISSUES)
 
 
 @dataclass(frozen=True)
 class _Endpoint:
-    """What differs between the dataset endpoints other than /find-issues:
-    the JSON body's struct, the query options of an npz body, the npz arrays
-    that may be absent, and the in-process function (labels, P, **options)."""
+    """What differs between the dataset endpoints: the JSON body's struct,
+    the query options of an npz body, the npz arrays that may be absent, the
+    in-process function (labels, P, **options), and what to record of a result."""
 
     request_type: type[msgspec.Struct]
     parsers: dict[str, Any]
     optional_arrays: tuple[str, ...]
     compute: Callable[..., Any]
     pairwise: bool = True  # K x K working memory (see limits.compute_bytes)
+    observe: Callable[[dict[str, Any], Any], None] | None = None  # (options, result): metrics
 
 
+def _observe_find_issues(options: dict[str, Any], result: core.FindIssuesResult) -> None:
+    metrics.observe_result(
+        filter_by=options.get("filter_by") or core.Options.filter_by, n=result.n_examples, k=result.n_classes,
+        flagged=result.num_label_issues, kernel_seconds=result.timings["kernel"],
+    )
+
+
+_FIND_ISSUES = _Endpoint(
+    FindIssuesRequest, _OPTION_PARSERS, (), lambda labels, P, **o: core.find_issues(labels, P, **o),
+    observe=_observe_find_issues,
+)
 _DATASET_HEALTH = _Endpoint(
     DatasetHealthRequest, _DATASET_HEALTH_PARSERS, (), lambda labels, P, **o: health.dataset_health(labels, P, **o)
 )
@@ -406,7 +374,7 @@ _OUT_OF_DISTRIBUTION = _Endpoint(
 def _endpoint_sync(
     endpoint: _Endpoint, body: bytes, media: str, query: list[tuple[str, str]], want_npz: bool, max_cells: int
 ) -> tuple[bytes, str]:
-    """As :func:`_find_issues_sync`: decode, compute, encode once; the Server-Timing header."""
+    """Decode, compute, encode once; returns the body and the Server-Timing header."""
     t0 = time.perf_counter()
     if media == npz.MEDIA_TYPE:
         labels, P, options = decode_npz_request(body, query, max_cells, endpoint.parsers, endpoint.optional_arrays)
@@ -419,6 +387,8 @@ def _endpoint_sync(
     limits.admit_compute(len(body), [labels, P], endpoint.pairwise)
     result = endpoint.compute(labels, P, **options)
     t2 = time.perf_counter()
+    if endpoint.observe is not None:
+        endpoint.observe(options, result)
     if want_npz:
         out = npz.write_response(result.to_dict())
     else:
