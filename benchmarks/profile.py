@@ -57,16 +57,15 @@ def main() -> None:
     B, prec, chunks = core._as_bits(P2), core._PREC[dtype], core._n_chunks(len(y))
     ubits = kn.value_bits([1.001], dtype, -1)[0]
     timed("find_issues (whole call)", find_issues, labels, P)
-    _, argmax, label_is_max, selfconf, other, _ = timed(
-        "row_stats", kn.row_stats, P2, B, y, 1e-3, ubits, prec, False, chunks
-    )
     counts, starts, order = timed("class_index", kn.class_index, y, args.k)
-    th = timed("thresholds", core._thresholds, selfconf, dtype, counts, starts, order)
-    ood = timed("ood thresholds", core._ood_thresholds, selfconf, dtype, counts, starts, order, 15.0)
+    values = timed("label_values", kn.label_values, P2, y)
+    th = timed("thresholds", core._thresholds, values, dtype, counts, starts, order)
+    ood = timed("ood thresholds", core._ood_thresholds, values, dtype, counts, starts, order, 15.0)
     tbits = kn.value_bits(th[2], dtype, +1)
-    offdiag, cj_raw, _, _ = timed(
-        "confident_pass_categories", kn.confident_pass_categories, B, y, tbits, ood[1], argmax, chunks
-    )
+    scan = timed("scan_rows (the pass)", kn.scan_rows, P2, B, y, 1e-3, ubits, prec, False, tbits, ood[1], chunks)
+    _, argmax, label_is_max, selfconf, other, _, offdiag, cj_raw, _, _ = scan
+    timed("  row_stats alone", kn.row_stats, P2, B, y, 1e-3, ubits, prec, False, chunks)
+    timed("  confident pass alone", kn.confident_pass_categories, B, y, tbits, ood[1], argmax, chunks)
     noise = timed("noise_estimates", lambda: core.noise_estimates(cj_raw.copy(), counts, th[0], ood[0], 0))
     pcm = core.prune_counts(noise.confident_joint, counts, core.make_options())
     mask = timed("prune_by_noise_rate", kn.prune_by_noise_rate, P2, B, order, starts, other > selfconf, pcm, 1, prec)

@@ -441,14 +441,27 @@ def _compute(labels: np.ndarray, P: np.ndarray, dtype: np.dtype, o: Options) -> 
             "options.num_to_remove_per_class",
         )
 
-    # Pass 1: validation, argmax, self-confidence, the best other class.
+    # One pass over pred_probs: validation, argmax, self-confidence, the best
+    # other class, the confident joint and each example's category. The
+    # thresholds it needs come first, from the labels' values alone.
     want_entropy = o.rank_by == "confidence_weighted_entropy"
     B = _as_bits(P)
-    ubits = kn.value_bits([1.0 + float(o.prob_tolerance)], dtype, -1)[0]
-    problem, argmax, label_is_max, selfconf, other, entropy = kn.row_stats(
-        P, B, labels, float(o.prob_tolerance), ubits, prec, want_entropy, chunks
+    tolerance = float(o.prob_tolerance)
+    ubits = kn.value_bits([1.0 + tolerance], dtype, -1)[0]
+    counts, starts, order = kn.class_index(labels, K)
+    th = o.thresholds or Thresholds()
+    values = kn.label_values(P, labels)
+    if not ((values >= 0.0) & (values <= 1.0 + tolerance)).all():
+        # Some label's value is invalid: the checking pass alone, which says which.
+        problem, *_ = kn.row_stats(P, B, labels, tolerance, ubits, prec, False, chunks)
+        raise_for_problem(problem, tolerance)
+    thresholds, tprec, tcmp = _thresholds(values, dtype, counts, starts, order, th.class_percentile)
+    ood_thresholds, obits = _ood_thresholds(values, dtype, counts, starts, order, th.ood_percentile)
+    scan = kn.scan_rows(
+        P, B, labels, tolerance, ubits, prec, want_entropy, kn.value_bits(tcmp, dtype, +1), obits, chunks
     )
-    raise_for_problem(problem, float(o.prob_tolerance))
+    problem, argmax, label_is_max, selfconf, other, entropy, offdiag, cj_raw, category, category_counts = scan
+    raise_for_problem(problem, tolerance)
     if want_entropy and (selfconf.max() > 1.0 or other.max() > 1.0):
         # The reference refuses values above 1 for this score (its entropy is undefined there).
         row = int(np.flatnonzero(np.maximum(selfconf, other) > 1.0)[0])
@@ -458,14 +471,6 @@ def _compute(labels: np.ndarray, P: np.ndarray, dtype: np.dtype, o: Options) -> 
             f"pred_probs[{row}]",
         )
 
-    counts, starts, order = kn.class_index(labels, K)
-    th = o.thresholds or Thresholds()
-    thresholds, tprec, tcmp = _thresholds(selfconf, dtype, counts, starts, order, th.class_percentile)
-    ood_thresholds, obits = _ood_thresholds(selfconf, dtype, counts, starts, order, th.ood_percentile)
-    # Pass 2: the confident joint, and each example's category.
-    offdiag, cj_raw, category, category_counts = kn.confident_pass_categories(
-        B, labels, kn.value_bits(tcmp, dtype, +1), obits, argmax, chunks
-    )
     # num_label_issues(estimation_method="off_diagonal")
     cl_issues = offdiag & ~label_is_max
     estimated = int(cl_issues.sum())

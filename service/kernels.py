@@ -32,7 +32,7 @@ import math
 import numpy as np
 from numba import njit, prange
 from numba.core import types
-from numba.extending import overload
+from numba.extending import intrinsic, overload
 
 PREC64, PREC32, PREC16 = 64, 32, 16
 
@@ -295,40 +295,99 @@ def _entropy_score(row, K, sc, prec, log_k):
 # reductions, and a float sum allowed to reassociate (it is only compared with
 # 1 +- tolerance). Maxima and threshold comparisons use the values' bit
 # patterns: for non-negative IEEE floats (checked first) integer order is
-# numeric order, and integer compares vectorise without fast-math.
+# numeric order, and integer compares vectorise without fast-math. The loops
+# keep every lane the width of the data (numba widens int32 arithmetic to
+# int64, which halves the lanes or stops vectorisation): hence ``_zero`` and
+# ``_lane`` instead of literals and plain loop indices.
 
 
-@njit(inline="always", **_JIT)
-def _count_outside(b, ubits):
-    """How many values of a row (as bit patterns) are not in [+0, upper]:
-    negative (sign bit), NaN, inf or above the upper bound all fall outside."""
-    c = 0
-    for j in range(b.shape[0]):
-        v = b[j]
-        c += (v < 0) | (v > ubits)
-    return c
+def _zero(b):  # pragma: no cover - replaced by the overload inside numba
+    raise NotImplementedError
+
+
+@overload(_zero, inline="always")
+def _zero_overload(b):
+    """A zero of the array's own element type."""
+    dt = b.dtype
+    return lambda b: dt(0)
+
+
+def _lane(b, j):  # pragma: no cover - replaced by the overload inside numba
+    raise NotImplementedError
+
+
+@overload(_lane, inline="always")
+def _lane_overload(b, j):
+    """A column index as an integer of the row's lane width (at least 32 bits)."""
+    if b.dtype.bitwidth >= 64:
+        return lambda b, j: np.int64(j)
+    return lambda b, j: np.int32(j)
+
+
+@intrinsic
+def _bitcast_float(typingctx, v):
+    """The float whose bit pattern is the integer ``v`` (int32 or int64)."""
+    if v == types.int32:
+        rt = types.float32
+    elif v == types.int64:
+        rt = types.float64
+    else:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(rt))
+
+    return rt(v), codegen
+
+
+def _from_bits(v):  # pragma: no cover - replaced by the overload inside numba
+    raise NotImplementedError
+
+
+@overload(_from_bits, inline="always")
+def _from_bits_overload(v):
+    """A bit pattern (an element of ``B``) as an element of ``P``, for ``_ld``."""
+    if isinstance(v, types.Integer) and v.bitwidth == 16:
+        return lambda v: v  # float16 is stored as its bits
+    return lambda v: _bitcast_float(v)
 
 
 @njit(fastmath={"reassoc", "nsz", "arcp"}, **_JIT)
 def _row_sum(r):
+    """The row's sum in float64 (any order)."""
     s = 0.0
     for j in range(r.shape[0]):
         s += _ld(r[j])
     return s
 
 
+@njit(fastmath={"reassoc", "nsz", "arcp"}, **_JIT)
+def _row_sum_native(r):
+    """The row's sum in the row's own float type (any order): twice the lanes
+    of :func:`_row_sum` for float32. Not inlined, so that its fast-math
+    flags hold (an inlined function takes its caller's)."""
+    s = _zero(r)
+    for j in range(r.shape[0]):
+        s += r[j]
+    return s
+
+
 @njit(inline="always", **_JIT)
-def _max_and_other(b, y):
-    """Largest bit pattern of a row, and the largest outside column ``y``
-    (for values >= +0 these are the largest values; +0 has pattern 0)."""
-    m = b[0]
-    o = b[0] - b[0]
+def _scan_row(b, y):
+    """Smallest and largest bit pattern of a row, and the largest outside
+    column ``y`` (+0 if none; for values >= +0 these are the values' order)."""
+    z = _zero(b)
+    lo = b[0]
+    hi = b[0]
+    o = z
+    yy = _lane(b, y)
     for j in range(b.shape[0]):
         v = b[j]
-        m = v if v > m else m
-        w = v if j != y else o - o
-        o = w if w > o else o
-    return m, o
+        lo = min(lo, v)
+        hi = max(hi, v)
+        w = v if _lane(b, j) != yy else z
+        o = max(o, w)
+    return lo, hi, o
 
 
 @njit(inline="always", **_JIT)
@@ -355,6 +414,40 @@ def _first_problem(r, upper):
         if v > upper:
             return CHECK_ABOVE_ONE, j, v
     return CHECK_OK, -1, 0.0
+
+
+@njit(inline="always", **_JIT)
+def _row_facts(r, b, y, tolerance, band, ubits, eps, prec):
+    """Pass 1 for one row: ``(ok, row_sum, argmax, label_is_max, selfconf,
+    other)``; ``ok`` False when a value or the sum is invalid (then only the
+    float64 ``row_sum`` is meaningful)."""
+    lo, hi, ob = _scan_row(b, y)
+    s = np.float64(_row_sum_native(r))
+    if lo < 0 or hi > ubits or not abs(s - 1.0) <= tolerance - band:
+        s = _row_sum(r)  # near the bounds: the float64 sum decides
+        if lo < 0 or hi > ubits or abs(s - 1.0) > tolerance:
+            return False, s, 0, False, 0.0, 0.0
+    by = b[y]
+    sc = _ld(r[y])
+    if ob < by:
+        # The label holds the row's only maximum: nothing to search.
+        return True, s, y, True, sc, _ld(_from_bits(ob))
+    oj = _first_index(b, ob, y)
+    oth = _ld(r[oj])
+    # cleanlab adds 1e-6 to the given label's probability and asks whether
+    # np.argmax (first maximum) then lands on it; oj is the first column other
+    # than y holding the other maximum.
+    lifted = _rnd(sc + eps, prec)
+    lim = oth < lifted or (oth == lifted and oj > y)
+    return True, s, (oj if ob > by else min(oj, y)), lim, sc, oth
+
+
+@njit(**_JIT)
+def _sum_band(K, upper, prec):
+    """A float32 sum (in any order) of K values >= 0 is within K * 2**-24 times
+    their sum of the exact sum; a row whose float32 sum lies within 4 times
+    that of a bound is summed again in float64, which decides as before."""
+    return K * 2.0**-22 * (1.0 + upper) if prec == PREC32 else 0.0
 
 
 @njit(parallel=True, **_JIT)
@@ -391,32 +484,25 @@ def row_stats(P, B, labels, tolerance, ubits, prec, want_entropy, n_chunks):
     eps = _rnd(FLOATING_POINT_COMPARISON, prec)
     upper = 1.0 + tolerance
     log_k = math.log(K)
+    band = _sum_band(K, upper, prec)
     size = (N + n_chunks - 1) // n_chunks
     for c in prange(n_chunks):
         buf = np.empty(K if want_entropy else 0, np.float64)
         for i in range(c * size, min(N, (c + 1) * size)):
             r = P[i]
             b = B[i]
-            s = _row_sum(r)
-            if _count_outside(b, ubits) > 0 or abs(s - 1.0) > tolerance:
+            y = labels[i]
+            ok, s, am, lim, sc, oth = _row_facts(r, b, y, tolerance, band, ubits, eps, prec)
+            if not ok:
                 code, col, v = _first_problem(r, upper)
                 if code == CHECK_OK:
                     code, col, v = CHECK_ROW_SUM, -1, s
                 codes[c], rows[c], cols[c], vals[c] = code, i, col, v
                 break
-            y = labels[i]
-            mx, ob = _max_and_other(b, y)
-            argmax[i] = _first_index(b, mx, -1)
-            sc = _ld(r[y])
-            oj = _first_index(b, ob, y)
-            oth = _ld(r[oj])
+            argmax[i] = am
+            label_is_max[i] = lim
             selfconf[i] = sc
             other[i] = oth
-            # cleanlab adds 1e-6 to the given label's probability and asks
-            # whether np.argmax (first maximum) then lands on it; oj is the
-            # first column other than y holding the other maximum.
-            lifted = _rnd(sc + eps, prec)
-            label_is_max[i] = oth < lifted or (oth == lifted and oj > y)
             if want_entropy:
                 for t in range(K):
                     buf[t] = _ld(r[t])
@@ -752,11 +838,22 @@ def apply_num_to_remove_per_class(pcm, num_to_remove, label_counts):
 
 
 @njit(**_JIT)
-def _compact(keys, rows, base, count, m):
+def _max_int(a):
+    m = 0
+    for v in a:
+        m = max(m, v)
+    return m
+
+
+@njit(**_JIT)
+def _compact(keys, rows, base, count, m, scratch):
     """Keep, in place and in order, the ``m`` smallest of ``keys[base:base +
     count]`` (equal keys: the earliest, which are the lowest row numbers);
-    returns the m-th smallest key, the cut-off for later candidates."""
-    cut = np.partition(keys[base : base + count].copy(), m - 1)[m - 1]
+    returns the m-th smallest key, the cut-off for later candidates.
+    ``scratch``: room for ``count`` keys (no allocation per call)."""
+    s = scratch[:count]
+    s[:] = keys[base : base + count]
+    cut = _select_in_place(s, m - 1)
     below = 0
     for t in range(base, base + count):
         below += keys[t] < cut
@@ -806,6 +903,7 @@ def prune_by_noise_rate(P, B, order, starts, nonmax, pcm, min_examples_per_class
             base[j + 1] = base[j] + (2 * m + 16 if m > 0 else 0)
         keys = np.empty(base[K], np.float64)
         rows = np.empty(base[K], np.int64)
+        scratch = np.empty(2 * _max_int(want) + 16, np.float64)
         fill = np.zeros(K, np.int64)
         positive = np.zeros(K, np.int64)
         wanted = want > 0
@@ -837,7 +935,7 @@ def prune_by_noise_rate(P, B, order, starts, nonmax, pcm, min_examples_per_class
                 key = row_keys[j]
                 if key < cut[j]:  # rare once the cells' buffers have filled
                     if fill[j] == base[j + 1] - base[j]:
-                        cut[j] = _compact(keys, rows, base[j], fill[j], want[j])
+                        cut[j] = _compact(keys, rows, base[j], fill[j], want[j], scratch)
                         fill[j] = want[j]
                         if key >= cut[j]:
                             continue
@@ -898,13 +996,66 @@ def smallest_scores(scores, m):
 
 
 @njit(**_JIT)
+def _sort_key(x):
+    """A uint64 whose unsigned order is the float64 order of ``x`` as numpy
+    sorts it: -0.0 equals +0.0, and every NaN sorts last (and equal)."""
+    if np.isnan(x):
+        return np.uint64(0xFFF8000000000000)
+    v = np.array([x + 0.0]).view(np.int64)[0]  # x + 0.0 turns -0.0 into +0.0
+    if v < 0:
+        return np.uint64(~v)
+    return np.uint64(v) | np.uint64(0x8000000000000000)
+
+
+@njit(**_JIT)
+def argsort_stable(values):
+    """``np.argsort(values, kind="stable")`` for float64, as a least-significant-
+    digit radix sort (8 passes of 8 bits; passes where every key has the same
+    digit are skipped): O(n), and for 100k scores several times faster than
+    numba's merge sort. Small inputs use the merge sort."""
+    n = values.shape[0]
+    if n < 2048:
+        return np.argsort(values, kind="mergesort")
+    keys = np.empty(n, np.uint64)
+    for t in range(n):
+        keys[t] = _sort_key(values[t])
+    counts = np.zeros((8, 256), np.int64)
+    for t in range(n):
+        k = keys[t]
+        for d in range(8):
+            counts[d, (k >> np.uint64(8 * d)) & np.uint64(255)] += 1
+    idx = np.arange(n)
+    keys2 = np.empty(n, np.uint64)
+    idx2 = np.empty(n, np.int64)
+    pos = np.empty(256, np.int64)
+    for d in range(8):
+        if counts[d].max() == n:
+            continue  # one digit value for all: this pass keeps the order
+        acc = 0
+        for v in range(256):
+            pos[v] = acc
+            acc += counts[d, v]
+        shift = np.uint64(8 * d)
+        for t in range(n):
+            k = keys[t]
+            v = (k >> shift) & np.uint64(255)
+            p = pos[v]
+            pos[v] = p + 1
+            keys2[p] = k
+            idx2[p] = idx[t]
+        keys, keys2 = keys2, keys
+        idx, idx2 = idx2, idx
+    return idx
+
+
+@njit(**_JIT)
 def rank_flagged(mask, scores):
     """Indices of flagged examples, lowest score first (stable)."""
     idx = np.nonzero(mask)[0]
     s = np.empty(idx.shape[0], np.float64)
     for t in range(idx.shape[0]):
         s[t] = scores[idx[t]]
-    return idx[np.argsort(s, kind="mergesort")]
+    return idx[argsort_stable(s)]
 
 
 # --------------------------------------------------------------------------
@@ -1108,6 +1259,20 @@ def class_percentiles(values, order, starts, q, prec):
     return out
 
 
+@njit(inline="always", **_JIT)
+def _confident_row(b, y, tbits, obits, am):
+    """Pass 2 for one row: ``(guess, category)``. The guess (-1 if none) is
+    the one class the row is confident for, or its argmax ``am`` when it is
+    confident for several; see :func:`confident_pass_categories`."""
+    nconf = _count_at_least(b, tbits)
+    if nconf > 0:
+        g = am if nconf > 1 else _first_at_least(b, tbits)
+        return g, (CATEGORY_LABEL_ISSUE if g != y else CATEGORY_OK)
+    if _count_at_least(b, obits) == 0:
+        return -1, CATEGORY_OUT_OF_DISTRIBUTION
+    return -1, CATEGORY_UNCONFIDENT
+
+
 @njit(parallel=True, **_JIT)
 def confident_pass_categories(B, labels, tbits, obits, argmax, n_chunks):
     """:func:`confident_pass`, and each example's category, in one parallel pass.
@@ -1124,31 +1289,98 @@ def confident_pass_categories(B, labels, tbits, obits, argmax, n_chunks):
     ``confident_pass`` returns them; int8 (N,); int64 (4,) indexed by category.
     """
     N, K = B.shape
-    offdiag = np.zeros(N, np.bool_)
+    offdiag = np.empty(N, np.bool_)
     category = np.empty(N, np.int8)
-    guess = np.full(N, -1, np.int32)
+    guess = np.empty(N, np.int32)
     tally = np.zeros((n_chunks, 4), np.int64)
     size = (N + n_chunks - 1) // n_chunks
     for c in prange(n_chunks):
         for i in range(c * size, min(N, (c + 1) * size)):
-            b = B[i]
-            nconf = _count_at_least(b, tbits)
-            if nconf > 0:
-                y = labels[i]
-                g = argmax[i] if nconf > 1 else _first_at_least(b, tbits)
-                guess[i] = g
-                offdiag[i] = g != y
-                v = CATEGORY_LABEL_ISSUE if g != y else CATEGORY_OK
-            elif _count_at_least(b, obits) == 0:
-                v = CATEGORY_OUT_OF_DISTRIBUTION
-            else:
-                v = CATEGORY_UNCONFIDENT
+            y = labels[i]
+            g, v = _confident_row(B[i], y, tbits, obits, argmax[i])
+            guess[i] = g
+            offdiag[i] = v == CATEGORY_LABEL_ISSUE
             category[i] = v
             tally[c, v] += 1
     counts = np.zeros(4, np.int64)
     for c in range(n_chunks):
         counts += tally[c]
     return offdiag, _count_pairs(labels, guess, K), category, counts
+
+
+@njit(parallel=True, **_JIT)
+def label_values(P, labels):
+    """``P[i, labels[i]]`` as float64 (unchecked values), for thresholds
+    computed before the pass that checks them (:func:`scan_rows`)."""
+    N = labels.shape[0]
+    out = np.empty(N, np.float64)
+    for i in prange(N):
+        out[i] = _ld(P[i, labels[i]])
+    return out
+
+
+@njit(parallel=True, **_JIT)
+def scan_rows(P, B, labels, tolerance, ubits, prec, want_entropy, tbits, obits, n_chunks):
+    """:func:`row_stats` and :func:`confident_pass_categories` in one pass,
+    for when the thresholds are known before it (they need only the labels'
+    values, :func:`label_values`). Returns row_stats' six outputs followed by
+    confident_pass_categories' four; when a problem is found the other
+    outputs are meaningless."""
+    N, K = P.shape
+    argmax = np.empty(N, np.int64)
+    label_is_max = np.empty(N, np.bool_)
+    selfconf = np.empty(N, np.float64)
+    other = np.empty(N, np.float64)
+    entropy = np.empty(N if want_entropy else 0, np.float64)
+    offdiag = np.empty(N, np.bool_)
+    category = np.empty(N, np.int8)
+    guess = np.empty(N, np.int32)
+    tally = np.zeros((n_chunks, 4), np.int64)
+    codes = np.zeros(n_chunks, np.int64)
+    rows = np.zeros(n_chunks, np.int64)
+    cols = np.zeros(n_chunks, np.int64)
+    vals = np.zeros(n_chunks, np.float64)
+    eps = _rnd(FLOATING_POINT_COMPARISON, prec)
+    upper = 1.0 + tolerance
+    log_k = math.log(K)
+    band = _sum_band(K, upper, prec)
+    size = (N + n_chunks - 1) // n_chunks
+    for c in prange(n_chunks):
+        buf = np.empty(K if want_entropy else 0, np.float64)
+        for i in range(c * size, min(N, (c + 1) * size)):
+            r = P[i]
+            b = B[i]
+            y = labels[i]
+            ok, s, am, lim, sc, oth = _row_facts(r, b, y, tolerance, band, ubits, eps, prec)
+            if not ok:
+                code, col, v = _first_problem(r, upper)
+                if code == CHECK_OK:
+                    code, col, v = CHECK_ROW_SUM, -1, s
+                codes[c], rows[c], cols[c], vals[c] = code, i, col, v
+                break
+            argmax[i] = am
+            label_is_max[i] = lim
+            selfconf[i] = sc
+            other[i] = oth
+            if want_entropy:
+                for t in range(K):
+                    buf[t] = _ld(r[t])
+                entropy[i] = _entropy_score(buf, K, sc, prec, log_k)
+            g, v = _confident_row(b, y, tbits, obits, am)
+            guess[i] = g
+            offdiag[i] = v == CATEGORY_LABEL_ISSUE
+            category[i] = v
+            tally[c, v] += 1
+    problem = (CHECK_OK, -1, -1, 0.0)
+    for c in range(n_chunks):
+        if codes[c] != CHECK_OK:
+            problem = (codes[c], rows[c], cols[c], vals[c])
+            break
+    counts = np.zeros(4, np.int64)
+    for c in range(n_chunks):
+        counts += tally[c]
+    cj = _count_pairs(labels, guess, K) if problem[0] == CHECK_OK else np.zeros((K, K), np.int64)
+    return problem, argmax, label_is_max, selfconf, other, entropy, offdiag, cj, category, counts
 
 
 @njit(**_JIT)
