@@ -1171,3 +1171,99 @@ def test_predicted_neq_given():
         labels = rng.integers(0, 4, n).astype(np.int64)
         argmax = rng.integers(0, 4, n).astype(np.int64)
         np.testing.assert_array_equal(kn.predicted_neq_given(argmax, labels), argmax != labels)
+
+
+# --------------------------------------------------------------------------
+# scan_rows: pass 1 and pass 2 fused (service.core's default path)
+# --------------------------------------------------------------------------
+
+
+def run_scan_rows(P, labels, tolerance, want_entropy, tcmp, ocmp, n_chunks):
+    """kn.scan_rows called as service.core calls it."""
+    KP = kview(P)
+    ubits = kn.value_bits([1.0 + tolerance], P.dtype, -1)[0]
+    tb, ob = kn.value_bits(tcmp, P.dtype, +1), kn.value_bits(ocmp, P.dtype, +1)
+    return kn.scan_rows(KP, as_bits(KP), labels, tolerance, ubits, PREC[P.dtype], want_entropy, tb, ob, n_chunks)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scan_rows_is_the_two_passes(dtype):
+    """The fused pass returns exactly what row_stats followed by
+    confident_pass_categories return, and the same first problem."""
+    problems = 0
+    for rng, P, labels in random_cases(4200 + PREC[np.dtype(dtype)], 80, dtype):
+        P = P.copy()
+        if rng.random() < 0.3:
+            P[rng.integers(P.shape[0]), rng.integers(P.shape[1])] = rng.choice([np.nan, -0.0, 1.5, -0.1])
+        tol = float(rng.choice([1e-3, 1e-6, 0.05]))
+        want_entropy = bool(rng.random() < 0.3)
+        tcmp = random_thresholds(rng, P, labels) - kn.FLOATING_POINT_COMPARISON
+        ocmp = np.clip(tcmp * rng.random(), 0, None)
+        for n_chunks in CHUNKS:
+            fused = run_scan_rows(P, labels, tol, want_entropy, tcmp, ocmp, n_chunks)
+            first = run_row_stats(P, labels, tol, want_entropy, n_chunks)
+            assert tuple(fused[0]) == tuple(first[0]) or (
+                math.isnan(fused[0][3]) and tuple(fused[0])[:3] == tuple(first[0])[:3]
+            )
+            if first[0][0] != kn.CHECK_OK:
+                problems += 1
+                continue
+            for a, b in zip(fused[1:6], first[1:], strict=True):
+                np.testing.assert_array_equal(a, b)
+            second = kn.confident_pass_categories(
+                as_bits(kview(P)), labels, kn.value_bits(tcmp, P.dtype, +1), kn.value_bits(ocmp, P.dtype, +1),
+                first[1], n_chunks,
+            )
+            for a, b in zip(fused[6:], second, strict=True):
+                np.testing.assert_array_equal(a, b)
+    assert problems > 10
+
+
+@pytest.mark.parametrize("tol", [1e-3, 1e-6, 0.0, 0.2])
+def test_float32_row_sums_near_the_bounds_decide_as_float64(tol):
+    """row_stats sums float32 rows in float32 and re-sums in float64 only near
+    1 +- tolerance: a row whose exact sum is a hair inside or outside the
+    bound must be judged by its exact sum, as the float64 rule does."""
+    rng = np.random.default_rng(77)
+    K = 300
+    for sign in (+1, -1):
+        for delta in (-1e-6, -1e-7, -2e-8, 2e-8, 1e-7, 1e-6):
+            P = rng.random((64, K)).astype(np.float32)
+            P /= P.sum(axis=1, keepdims=True)
+            P = P.astype(np.float32)
+            target = 1.0 + sign * (tol + delta)
+            for i in range(P.shape[0]):  # move column 0 so that the float64 sum lands near the target
+                rest = math.fsum(P[i, 1:].astype(np.float64).tolist())
+                P[i, 0] = np.float32(target - rest)
+            sums = [math.fsum(r.tolist()) for r in P.astype(np.float64)]
+            expected_bad = [abs(s - 1.0) > tol for s in sums]
+            if any(abs(abs(s - 1.0) - tol) < 1e-12 for s in sums) or (P < 0).any():
+                continue
+            labels = rng.integers(0, K, 64)
+            problem = run_row_stats(P, labels, tol, False, 3)[0]
+            first_bad = next((i for i, b in enumerate(expected_bad) if b), -1)
+            if first_bad < 0:
+                assert problem[0] == kn.CHECK_OK, (sign, delta, problem)
+            else:
+                assert (problem[0], problem[1]) == (kn.CHECK_ROW_SUM, first_bad), (sign, delta, problem)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.floats(allow_nan=True, allow_infinity=True),
+            st.sampled_from([0.0, -0.0, 1.0, 0.5, np.nan, -np.nan]),
+        ),
+        max_size=60,
+    ),
+    st.integers(0, 3000),
+    st.integers(0, 2**32 - 1),
+)
+def test_argsort_stable_is_numpys_stable_argsort(head, n, seed):
+    """The radix argsort (used from 2048 values up) orders as numpy's stable
+    argsort: -0.0 equal to 0.0, NaNs last, ties in index order."""
+    rng = np.random.default_rng(seed)
+    pool = np.array(head + [0.25, 0.5, 1.0, 0.0, -0.0], np.float64)
+    values = np.concatenate([pool[rng.integers(0, len(pool), n)], rng.random(n // 2)])
+    np.testing.assert_array_equal(kn.argsort_stable(values), np.argsort(values, kind="stable"))
