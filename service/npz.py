@@ -10,22 +10,99 @@ member holding more or fewer bytes than its header declares is rejected.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import zipfile
 import zlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, overload
 
 import numpy as np
 
 from service.errors import InputError, LabelqError, PayloadTooLarge
+from service.settings import available_cpus
 
 MEDIA_TYPE = "application/x-npz"
 REQUIRED = ("labels", "pred_probs")
 _ALLOWED_KINDS = {"labels": "iu", "pred_probs": "f"}
 #: Arrays a caller may also admit (``extra``): the batched protocol's.
 _EXTRA_KINDS = {"context": "u", "row_offset": "iu", "class_offsets": "iu"}
+
+
+# --------------------------------------------------------------------------
+# CRC-32 in parallel: zlib's crc32 releases the GIL, and the CRC of a
+# concatenation follows from the pieces' CRCs (zlib's crc32_combine, written
+# out here: appending n zero bytes is a linear map over GF(2), and the maps for
+# n = 2**k are squares of each other). A 400 MB member takes 180 ms on one core.
+# --------------------------------------------------------------------------
+
+_CRC_PIECE = 16 << 20  # pieces at least this large are worth a thread
+_crc_pool: ThreadPoolExecutor | None = None
+
+
+@functools.cache
+def _cpus() -> int:
+    return available_cpus()
+
+
+def _gf2_times(mat: list[int], vec: int) -> int:
+    out, i = 0, 0
+    while vec:
+        if vec & 1:
+            out ^= mat[i]
+        vec >>= 1
+        i += 1
+    return out
+
+
+def _gf2_square(mat: list[int]) -> list[int]:
+    return [_gf2_times(mat, mat[n]) for n in range(32)]
+
+
+def _zero_byte_maps() -> list[list[int]]:
+    """maps[k]: the CRC register after appending 2**k zero bytes."""
+    one_bit = [0xEDB88320] + [1 << n for n in range(31)]  # one zero bit
+    m = _gf2_square(_gf2_square(_gf2_square(one_bit)))  # eight zero bits
+    maps = []
+    for _ in range(48):
+        maps.append(m)
+        m = _gf2_square(m)
+    return maps
+
+
+_ZERO_MAPS = _zero_byte_maps()
+
+
+def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
+    """The CRC-32 of ``a + b`` from ``crc32(a)``, ``crc32(b)`` and ``len(b)``."""
+    k = 0
+    while len2:
+        if len2 & 1:
+            crc1 = _gf2_times(_ZERO_MAPS[k], crc1)
+        len2 >>= 1
+        k += 1
+    return crc1 ^ crc2
+
+
+def crc32(data: memoryview, threads: int | None = None) -> int:
+    """zlib.crc32 of ``data``, computed in pieces on up to ``threads`` threads
+    (default: the CPUs this process may use, as for the kernels)."""
+    global _crc_pool
+    n = len(data)
+    threads = threads or _cpus()
+    parts = min(threads, n // _CRC_PIECE)
+    if parts < 2:
+        return zlib.crc32(data)
+    if _crc_pool is None:
+        _crc_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="labelq-crc")
+    cuts = [n * t // parts for t in range(parts + 1)]
+    crcs = list(_crc_pool.map(zlib.crc32, [data[a:b] for a, b in zip(cuts, cuts[1:], strict=False)]))
+    out = crcs[0]
+    for t in range(1, parts):
+        out = crc32_combine(out, crcs[t], cuts[t + 1] - cuts[t])
+    return out
 
 
 class MalformedNpz(LabelqError):
@@ -141,7 +218,7 @@ def _stored(
     end = start + info.file_size
     if end > len(body):
         raise MalformedNpz(f"the npz member for {name!r} is truncated", name)
-    if zlib.crc32(memoryview(body)[start:end]) != info.CRC:
+    if crc32(memoryview(body)[start:end]) != info.CRC:
         raise MalformedNpz(f"the npz member for {name!r} is corrupt (CRC mismatch)", name)
     if pos + nbytes != info.file_size:
         have = info.file_size - pos

@@ -5,13 +5,16 @@ from __future__ import annotations
 import io
 import struct
 import zipfile
+import zlib
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from litestar.testing import TestClient
 
 import datasets
-from service import find_issues
+from service import find_issues, npz
 from service.app import create_app
 from service.settings import Settings
 
@@ -189,3 +192,29 @@ def test_json_cells_limit_is_413():
     with TestClient(create_app(Settings(warmup=False, max_cells=8))) as c:
         r = c.post("/find-issues", json={"labels": [0, 1, 0, 1, 0], "pred_probs": [[0.5, 0.5]] * 5})
         assert r.status_code == 413 and "limit is 8" in r.json()["detail"]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(max_size=3000), st.binary(max_size=3000))
+def test_crc32_combine_is_the_crc_of_the_concatenation(a, b):
+    assert npz.crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 7])
+def test_parallel_crc32_equals_zlib(monkeypatch, threads):
+    monkeypatch.setattr(npz, "_CRC_PIECE", 1000)  # small pieces, so that every thread count splits
+    data = np.random.default_rng(threads).bytes(100_003)
+    assert npz.crc32(memoryview(data), threads) == zlib.crc32(data)
+    assert npz.crc32(memoryview(data)[5:20_000], threads) == zlib.crc32(data[5:20_000])
+
+
+def test_a_corrupt_large_stored_member_is_refused(monkeypatch):
+    """The CRC check still refuses a flipped byte when it runs in pieces."""
+    monkeypatch.setattr(npz, "_CRC_PIECE", 1 << 12)
+    labels, P = datasets.make(datasets.Spec(seed=3, n=2000, k=5))
+    buf = io.BytesIO()
+    np.savez(buf, labels=labels, pred_probs=P.astype(np.float32))
+    body = bytearray(buf.getvalue())
+    body[len(body) // 2] ^= 0x10
+    with pytest.raises(npz.MalformedNpz, match="CRC"):
+        npz.read_request(bytes(body), 10**9)
