@@ -31,7 +31,8 @@ import math
 
 import numpy as np
 from numba import njit, prange
-from numba.core import types
+from llvmlite import ir
+from numba.core import cgutils, types
 from numba.extending import intrinsic, overload
 
 PREC64, PREC32, PREC16 = 64, 32, 16
@@ -223,26 +224,43 @@ def _select_smallest(keys, m):
 # --------------------------------------------------------------------------
 
 
-@njit(**_JIT)
+@njit(parallel=True, **_JIT)
 def class_index(labels, K):
     """Group example indices by given label.
 
     Returns ``(counts, starts, order)``: ``order[starts[k]:starts[k+1]]`` are
     the indices labeled ``k`` in ascending order. Shapes (K,), (K+1,), (N,).
+    A counting sort over row chunks in parallel: each chunk counts its
+    labels, then writes its indices after those of the chunks before it.
     """
     N = labels.shape[0]
+    n_chunks = max(1, min(16, N // 65536))
+    size = (N + n_chunks - 1) // n_chunks
+    per_chunk = np.zeros((n_chunks, K), np.int64)
+    for c in prange(n_chunks):
+        for i in range(c * size, min(N, (c + 1) * size)):
+            per_chunk[c, labels[i]] += 1
     counts = np.zeros(K, np.int64)
-    for i in range(N):
-        counts[labels[i]] += 1
+    for c in range(n_chunks):
+        for k in range(K):
+            counts[k] += per_chunk[c, k]
     starts = np.zeros(K + 1, np.int64)
     for k in range(K):
         starts[k + 1] = starts[k] + counts[k]
-    fill = starts[:K].copy()
+    # per_chunk becomes each chunk's next write position per class
+    for k in range(K):
+        at = starts[k]
+        for c in range(n_chunks):
+            m = per_chunk[c, k]
+            per_chunk[c, k] = at
+            at += m
     order = np.empty(N, np.int64)
-    for i in range(N):
-        k = labels[i]
-        order[fill[k]] = i
-        fill[k] += 1
+    for c in prange(n_chunks):
+        fill = per_chunk[c]
+        for i in range(c * size, min(N, (c + 1) * size)):
+            k = labels[i]
+            order[fill[k]] = i
+            fill[k] += 1
     return counts, starts, order
 
 
@@ -870,6 +888,60 @@ def _compact(keys, rows, base, count, m, scratch):
     return cut
 
 
+@njit(inline="always", **_JIT)
+def _take_row(row_keys, cut, keys, rows, base, fill, want, scratch, i):
+    """Offer row ``i``'s keys to every cell: a key below the cell's cut-off
+    goes into its buffer (compacted to the ``want`` smallest when full)."""
+    for j in range(row_keys.shape[0]):
+        key = row_keys[j]
+        if key < cut[j]:  # rare once the cells' buffers have filled
+            if fill[j] == base[j + 1] - base[j]:
+                cut[j] = _compact(keys, rows, base[j], fill[j], want[j], scratch)
+                fill[j] = want[j]
+                if key >= cut[j]:
+                    continue
+            keys[base[j] + fill[j]] = key
+            rows[base[j] + fill[j]] = i
+            fill[j] += 1
+
+
+_PREFETCH_AHEAD = 4
+
+
+@intrinsic
+def _prefetch_row(typingctx, arr, i):
+    """Hint the CPU to bring row ``i`` of a 2-D C-contiguous array into cache
+    (llvm.prefetch of each 64-byte line; no effect on results)."""
+    if not (isinstance(arr, types.Array) and arr.ndim == 2 and arr.layout == "C"):
+        return None
+
+    def codegen(context, builder, signature, args):
+        aryty = signature.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        shape = cgutils.unpack_tuple(builder, ary.shape)
+        row = context.cast(builder, args[1], signature.args[1], types.intp)
+        zero = context.get_constant(types.intp, 0)
+        ptr = cgutils.get_item_pointer2(
+            context, builder, data=ary.data, shape=shape, strides=cgutils.unpack_tuple(builder, ary.strides),
+            layout=aryty.layout, inds=[row, zero],
+        )
+        i8p = ir.IntType(8).as_pointer()
+        start = builder.bitcast(ptr, i8p)
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0i8"
+        )
+        itemsize = context.get_abi_sizeof(context.get_data_type(aryty.dtype))
+        nbytes = builder.mul(shape[1], context.get_constant(types.intp, itemsize))
+        step = context.get_constant(types.intp, 64)
+        with cgutils.for_range_slice(builder, zero, nbytes, step) as (off, _):
+            # read, keep in all cache levels, data cache
+            builder.call(fn, [builder.gep(start, [off]), i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return types.void(arr, i), codegen
+
+
 @njit(parallel=True, **_JIT)
 def prune_by_noise_rate(P, B, order, starts, nonmax, pcm, min_examples_per_class, prec):
     """For each given class k and true class j != k, flag the ``pcm[j, k]``
@@ -905,43 +977,51 @@ def prune_by_noise_rate(P, B, order, starts, nonmax, pcm, min_examples_per_class
         rows = np.empty(base[K], np.int64)
         scratch = np.empty(2 * _max_int(want) + 16, np.float64)
         fill = np.zeros(K, np.int64)
-        positive = np.zeros(K, np.int64)
-        wanted = want > 0
-        cut = np.full(K, np.inf)
-        row_keys = np.empty(K, np.float64)
+        positive = np.zeros(K, np.int32)
+        # Only negative keys (positive margins) qualify: each cell's cut-off
+        # starts at 0 if it prunes, at -inf (nothing qualifies) if not. Keys and
+        # cut-offs are float32 for float32 input (exact: the reference's margins
+        # are float32), so that the row loops run in float32 lanes.
+        cut32 = np.empty(K, np.float32)
+        cut64 = np.empty(K, np.float64)
+        for j in range(K):
+            cut64[j] = 0.0 if want[j] > 0 else -np.inf
+            cut32[j] = cut64[j]
+        rk32 = np.empty(K, np.float32)
+        rk64 = np.empty(K, np.float64)
+        todo = np.empty(n, np.int64)
+        nt = 0
         for t in range(n):
             i = order[lo + t]
-            if not nonmax[i]:
-                continue
+            if nonmax[i]:
+                todo[nt] = i
+                nt += 1
+        for t in range(nt):
+            i = todo[t]
+            if t + _PREFETCH_AHEAD < nt:
+                # The rows of a class lie scattered: ask for a later one now,
+                # so that it is in cache by its turn.
+                _prefetch_row(B, todo[t + _PREFETCH_AHEAD])
             b = B[i]
+            r = P[i]
             bk = b[k]
-            pk = _ld(P[i, k])
-            # Branch-free over the row (it vectorises): a positive margin's key, else +inf;
-            # one loop per precision, so that the rounding is not a branch inside it.
             for j in range(K):
-                pos = (b[j] > bk) & wanted[j]
-                positive[j] += pos
-            if prec == PREC64:
+                positive[j] += np.int32(b[j] > bk)
+            # Branch-free over the row (it vectorises): minus the margin.
+            if prec == PREC32:
+                pk32 = r[k]
                 for j in range(K):
-                    row_keys[j] = -(_ld(P[i, j]) - pk) if (b[j] > bk) & wanted[j] else np.inf
-            elif prec == PREC32:
-                for j in range(K):
-                    d = np.float64(np.float32(_ld(P[i, j]) - pk))
-                    row_keys[j] = -d if (b[j] > bk) & wanted[j] else np.inf
+                    rk32[j] = -(r[j] - pk32)
+                _take_row(rk32, cut32, keys, rows, base, fill, want, scratch, i)
             else:
-                for j in range(K):
-                    row_keys[j] = -_rnd(_ld(P[i, j]) - pk, prec) if (b[j] > bk) & wanted[j] else np.inf
-            for j in range(K):
-                key = row_keys[j]
-                if key < cut[j]:  # rare once the cells' buffers have filled
-                    if fill[j] == base[j + 1] - base[j]:
-                        cut[j] = _compact(keys, rows, base[j], fill[j], want[j], scratch)
-                        fill[j] = want[j]
-                        if key >= cut[j]:
-                            continue
-                    keys[base[j] + fill[j]] = key
-                    rows[base[j] + fill[j]] = i
-                    fill[j] += 1
+                pk = _ld(r[k])
+                if prec == PREC64:
+                    for j in range(K):
+                        rk64[j] = -(_ld(r[j]) - pk)
+                else:
+                    for j in range(K):
+                        rk64[j] = -_rnd(_ld(r[j]) - pk, prec)
+                _take_row(rk64, cut64, keys, rows, base, fill, want, scratch, i)
         for j in range(K):
             m = want[j]
             if m == 0:
