@@ -164,6 +164,19 @@ def test_class_index_matches_reference():
         assert starts.shape == (K + 1,) and order.shape == (N,)
 
 
+@pytest.mark.parametrize(("N", "K"), [(131_072, 5), (1_000_003, 100), (300_000, 7000), (2_000_000, 2)])
+def test_class_index_in_parallel_chunks(N, K):
+    """From 2 x 65536 rows up the counting sort runs in chunks: the order
+    within each class must still be ascending (numpy's stable argsort)."""
+    rng = np.random.default_rng(N)
+    labels = rng.integers(0, K, N)
+    labels[: N // 3] = 0  # one class spread over several chunks, and a run of it
+    counts, starts, order = kn.class_index(labels, K)
+    np.testing.assert_array_equal(counts, np.bincount(labels, minlength=K))
+    np.testing.assert_array_equal(starts, np.concatenate([[0], np.cumsum(counts)]))
+    np.testing.assert_array_equal(order, np.argsort(labels, kind="stable"))
+
+
 # --------------------------------------------------------------------------
 # numpy's summation: _pairwise, _sum_like_numpy
 # --------------------------------------------------------------------------
