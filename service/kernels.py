@@ -413,11 +413,12 @@ def _first_index(b, v, skip):
     """First column of a row (other than ``skip``) whose bit pattern is ``v``;
     a min-reduction so that it vectorises. The row's length if none."""
     K = b.shape[0]
-    f = K
+    f = _lane(b, K)
+    sk = _lane(b, skip)
     for j in range(K):
-        t = j if (b[j] == v and j != skip) else K
-        f = t if t < f else f
-    return f
+        jj = _lane(b, j)
+        f = min(f, jj if (b[j] == v and jj != sk) else _lane(b, K))
+    return np.int64(f)
 
 
 @njit(**_JIT)
@@ -539,21 +540,27 @@ def row_stats(P, B, labels, tolerance, ubits, prec, want_entropy, n_chunks):
 
 
 @njit(inline="always", **_JIT)
-def _count_at_least(b, tb):
-    c = 0
-    for j in range(b.shape[0]):
-        c += b[j] >= tb[j]
-    return c
+def _first_last_at_least(b, tb):
+    """First and last column where ``b[j] >= tb[j]`` (``(K, -1)`` if none):
+    how many classes a row is confident for, 0, 1 or more, and the one.
+    Min and max reductions in the row's lane width, so that they vectorise."""
+    K = b.shape[0]
+    f = _lane(b, K)
+    last = _lane(b, -1)
+    for j in range(K):
+        ge = b[j] >= tb[j]
+        f = min(f, _lane(b, j) if ge else _lane(b, K))
+        last = max(last, _lane(b, j) if ge else _lane(b, -1))
+    return f, last
 
 
 @njit(inline="always", **_JIT)
-def _first_at_least(b, tb):
-    K = b.shape[0]
-    f = K
-    for j in range(K):
-        t = j if b[j] >= tb[j] else K
-        f = t if t < f else f
-    return f
+def _any_at_least(b, tb):
+    """Whether ``b[j] >= tb[j]`` anywhere in the row (a max reduction)."""
+    a = _lane(b, 0)
+    for j in range(b.shape[0]):
+        a = max(a, _lane(b, 1) if b[j] >= tb[j] else _lane(b, 0))
+    return a > 0
 
 
 @njit(parallel=True, **_JIT)
@@ -574,10 +581,9 @@ def confident_pass(B, labels, tbits, argmax, n_chunks):
     size = (N + n_chunks - 1) // n_chunks
     for c in prange(n_chunks):
         for i in range(c * size, min(N, (c + 1) * size)):
-            b = B[i]
-            nconf = _count_at_least(b, tbits)
-            if nconf > 0:
-                g = argmax[i] if nconf > 1 else _first_at_least(b, tbits)
+            f, last = _first_last_at_least(B[i], tbits)
+            if f < K:
+                g = argmax[i] if last > f else f
                 guess[i] = g
                 offdiag[i] = g != labels[i]
     return offdiag, _count_pairs(labels, guess, K)
@@ -1344,11 +1350,11 @@ def _confident_row(b, y, tbits, obits, am):
     """Pass 2 for one row: ``(guess, category)``. The guess (-1 if none) is
     the one class the row is confident for, or its argmax ``am`` when it is
     confident for several; see :func:`confident_pass_categories`."""
-    nconf = _count_at_least(b, tbits)
-    if nconf > 0:
-        g = am if nconf > 1 else _first_at_least(b, tbits)
+    f, last = _first_last_at_least(b, tbits)
+    if f < b.shape[0]:
+        g = am if last > f else np.int64(f)
         return g, (CATEGORY_LABEL_ISSUE if g != y else CATEGORY_OK)
-    if _count_at_least(b, obits) == 0:
+    if not _any_at_least(b, obits):
         return -1, CATEGORY_OUT_OF_DISTRIBUTION
     return -1, CATEGORY_UNCONFIDENT
 
