@@ -528,7 +528,9 @@ def noise_estimates(
     diagonal not yet clipped; modified in place) and the class sizes."""
     np.fill_diagonal(cj_raw, np.maximum(np.diagonal(cj_raw), 1))
     cj = kn.calibrate_confident_joint(cj_raw, counts)
-    py, noise_matrix, inverse_noise_matrix = kn.estimate_latent(cj, counts)
+    # K x K steps in parallel blocks from K = 256 up (below, starting threads costs more than it saves)
+    blocks = 1 if cj.shape[0] < 256 else numba.get_num_threads()
+    py, noise_matrix, inverse_noise_matrix = kn.estimate_latent(cj, counts, blocks)
     return NoiseEstimates(
         thresholds=thresholds,
         ood_thresholds=ood_thresholds,

@@ -409,6 +409,33 @@ def _scan_row(b, y):
 
 
 @njit(inline="always", **_JIT)
+def _scan_row_confident(b, y, tb, ob):
+    """:func:`_scan_row`, :func:`_first_last_at_least` (``tb``) and
+    :func:`_any_at_least` (``ob``) in one loop, every reduction in the row's
+    lane width."""
+    K = b.shape[0]
+    z = _zero(b)
+    lo = b[0]
+    hi = b[0]
+    o = z
+    f = _lane(b, K)
+    last = _lane(b, -1)
+    a = _lane(b, 0)
+    yy = _lane(b, y)
+    for j in range(K):
+        v = b[j]
+        jj = _lane(b, j)
+        lo = min(lo, v)
+        hi = max(hi, v)
+        o = max(o, v if jj != yy else z)
+        ge = v >= tb[j]
+        f = min(f, jj if ge else _lane(b, K))
+        last = max(last, jj if ge else _lane(b, -1))
+        a = max(a, _lane(b, 1) if v >= ob[j] else _lane(b, 0))
+    return lo, hi, o, f, last, a > 0
+
+
+@njit(inline="always", **_JIT)
 def _first_index(b, v, skip):
     """First column of a row (other than ``skip``) whose bit pattern is ``v``;
     a min-reduction so that it vectorises. The row's length if none."""
@@ -436,11 +463,10 @@ def _first_problem(r, upper):
 
 
 @njit(inline="always", **_JIT)
-def _row_facts(r, b, y, tolerance, band, ubits, eps, prec):
-    """Pass 1 for one row: ``(ok, row_sum, argmax, label_is_max, selfconf,
-    other)``; ``ok`` False when a value or the sum is invalid (then only the
-    float64 ``row_sum`` is meaningful)."""
-    lo, hi, ob = _scan_row(b, y)
+def _row_facts(r, b, y, lo, hi, ob, tolerance, band, ubits, eps, prec):
+    """Pass 1 for one row, given its :func:`_scan_row`: ``(ok, row_sum,
+    argmax, label_is_max, selfconf, other)``; ``ok`` False when a value or the
+    sum is invalid (then only the float64 ``row_sum`` is meaningful)."""
     s = np.float64(_row_sum_native(r))
     if lo < 0 or hi > ubits or not abs(s - 1.0) <= tolerance - band:
         s = _row_sum(r)  # near the bounds: the float64 sum decides
@@ -511,7 +537,8 @@ def row_stats(P, B, labels, tolerance, ubits, prec, want_entropy, n_chunks):
             r = P[i]
             b = B[i]
             y = labels[i]
-            ok, s, am, lim, sc, oth = _row_facts(r, b, y, tolerance, band, ubits, eps, prec)
+            lo, hi, ob = _scan_row(b, y)
+            ok, s, am, lim, sc, oth = _row_facts(r, b, y, lo, hi, ob, tolerance, band, ubits, eps, prec)
             if not ok:
                 code, col, v = _first_problem(r, upper)
                 if code == CHECK_OK:
@@ -699,24 +726,50 @@ def calibrate_confident_joint(cj, label_counts):
     return round_preserving_row_totals(cal)
 
 
-@njit(**_JIT)
-def _clip_noise_rates(M):
+@njit(inline="always", **_JIT)
+def _clip_rows(M, out, lo, hi):
+    for i in range(lo, hi):
+        for j in range(M.shape[1]):
+            out[i, j] = M[i, j] if i == j else min(max(M[i, j], 0.0), NOISE_RATE_MAX)
+
+
+@njit(inline="always", **_JIT)
+def _add_rows_into(out, cols, lo, hi):
+    """``cols[lo:hi] += out[:, lo:hi].sum(axis=0)``, rows added one after
+    another as numpy adds them."""
+    for i in range(out.shape[0]):
+        for j in range(lo, hi):
+            cols[j] = cols[j] + out[i, j]
+
+
+@njit(inline="always", **_JIT)
+def _divide_rows(out, cols, lo, hi):
+    for i in range(lo, hi):
+        for j in range(out.shape[1]):
+            out[i, j] = out[i, j] / max(cols[j], TINY_VALUE)
+
+
+@njit(parallel=True, **_JIT)
+def _clip_noise_rates(M, nt):
     """Clip off-diagonal entries to [0, 0.9999], keep the diagonal, then
-    normalise columns to sum to one."""
+    normalise columns to sum to one. In ``nt`` parallel blocks of rows (of
+    columns for the sums); 1 runs serially. Every entry and every column sum
+    is computed in the same order whatever ``nt``."""
     K = M.shape[0]
     out = np.empty((K, K), np.float64)
-    for i in range(K):
-        for j in range(K):
-            if i == j:
-                out[i, j] = M[i, j]
-            else:
-                out[i, j] = min(max(M[i, j], 0.0), NOISE_RATE_MAX)
-    cols = _col_sums(out)
-    for j in range(K):
-        cols[j] = max(cols[j], TINY_VALUE)
-    for i in range(K):
-        for j in range(K):
-            out[i, j] = out[i, j] / cols[j]
+    cols = np.zeros(K, np.float64)
+    if nt == 1:
+        _clip_rows(M, out, 0, K)
+        _add_rows_into(out, cols, 0, K)
+        _divide_rows(out, cols, 0, K)
+        return out
+    size = (K + nt - 1) // nt
+    for c in prange(nt):
+        _clip_rows(M, out, c * size, min(K, (c + 1) * size))
+    for c in prange(nt):
+        _add_rows_into(out, cols, c * size, min(K, (c + 1) * size))
+    for c in prange(nt):
+        _divide_rows(out, cols, c * size, min(K, (c + 1) * size))
     return out
 
 
@@ -744,11 +797,41 @@ def _py_cnt(ps, nm, inm):
 _TILE = 32
 
 
+@njit(inline="always", **_JIT)
+def _transposed_tiles(src, a, b, out, t_lo, t_hi):
+    K = src.shape[0]
+    for t in range(t_lo, t_hi):
+        i0 = t * _TILE
+        for j0 in range(0, K, _TILE):
+            for i in range(i0, min(i0 + _TILE, K)):
+                for j in range(j0, min(j0 + _TILE, K)):
+                    out[i, j] = src[j, i] * a[i] / max(b[j], TINY_VALUE)
+
+
+@njit(parallel=True, **_JIT)
+def _transposed_step(src, a, b, nt):
+    """``out[i, j] = src[j, i] * a[i] / max(b[j], TINY_VALUE)``, reading
+    ``src`` tile by tile (``_TILE`` x ``_TILE``, which keeps both matrices in
+    cache at large K), in ``nt`` parallel blocks of tile rows (1: serially)."""
+    K = src.shape[0]
+    out = np.empty((K, K), np.float64)
+    tiles = (K + _TILE - 1) // _TILE
+    if nt == 1:
+        _transposed_tiles(src, a, b, out, 0, tiles)
+        return out
+    per = (tiles + nt - 1) // nt
+    for c in prange(nt):
+        _transposed_tiles(src, a, b, out, c * per, min(tiles, (c + 1) * per))
+    return out
+
+
 @njit(**_JIT)
-def estimate_latent(cj, label_counts):
+def estimate_latent(cj, label_counts, nt):
     """Class priors ``py``, noise matrix P(given | true) and inverse noise
     matrix P(true | given) from a (calibrated) confident joint, with the
     reference's default convergence (3 x 5 iterations, ``py_method='cnt'``).
+    ``nt``: parallel blocks for the K x K steps (1 for small K, where
+    starting threads costs more than it saves); results do not depend on it.
     """
     K = cj.shape[0]
     N = float(label_counts.sum())
@@ -763,32 +846,18 @@ def estimate_latent(cj, label_counts):
             nm[i, j] = cjf[i, j] / max(true_counts[j], TINY_VALUE)
             inm[i, j] = cjf[j, i] / max(given_counts[j], TINY_VALUE)
     py = _py_cnt(ps, nm, inm)
-    nm = _clip_noise_rates(nm)
-    inm = _clip_noise_rates(inm)
-    # The transposed reads below go tile by tile (_TILE x _TILE), which keeps
-    # both matrices in cache at large K; every entry is computed as before.
+    nm = _clip_noise_rates(nm, nt)
+    inm = _clip_noise_rates(inm, nt)
     for _ in range(3):
         for _ in range(5):
-            tmp = np.empty((K, K), np.float64)
-            for i0 in range(0, K, _TILE):
-                for j0 in range(0, K, _TILE):
-                    for i in range(i0, min(i0 + _TILE, K)):
-                        for j in range(j0, min(j0 + _TILE, K)):
-                            # joint[j, i] = nm[j, i] * py[i];  inverse[i, j] = joint[j, i] / ps[j]
-                            tmp[i, j] = nm[j, i] * py[i] / max(ps[j], TINY_VALUE)
-            inm = _clip_noise_rates(tmp)
+            # joint[j, i] = nm[j, i] * py[i];  inverse[i, j] = joint[j, i] / ps[j]
+            inm = _clip_noise_rates(_transposed_step(nm, py, ps, nt), nt)
             py = _py_cnt(ps, nm, inm)
-        tmp = np.empty((K, K), np.float64)
-        for i0 in range(0, K, _TILE):
-            for j0 in range(0, K, _TILE):
-                for i in range(i0, min(i0 + _TILE, K)):
-                    for j in range(j0, min(j0 + _TILE, K)):
-                        # joint[i, j] = inverse[j, i] * ps[i];  noise[i, j] = joint[i, j] / py[j]
-                        tmp[i, j] = inm[j, i] * ps[i] / max(py[j], TINY_VALUE)
-        nm = _clip_noise_rates(tmp)
+        # joint[i, j] = inverse[j, i] * ps[i];  noise[i, j] = joint[i, j] / py[j]
+        nm = _clip_noise_rates(_transposed_step(inm, ps, py, nt), nt)
     py = _clip_values(py, 1e-5, 1.0, 1.0)
-    nm = _clip_noise_rates(nm)
-    inm = _clip_noise_rates(inm)
+    nm = _clip_noise_rates(nm, nt)
+    inm = _clip_noise_rates(inm, nt)
     return py, nm, inm
 
 
@@ -1346,15 +1415,16 @@ def class_percentiles(values, order, starts, q, prec):
 
 
 @njit(inline="always", **_JIT)
-def _confident_row(b, y, tbits, obits, am):
-    """Pass 2 for one row: ``(guess, category)``. The guess (-1 if none) is
-    the one class the row is confident for, or its argmax ``am`` when it is
-    confident for several; see :func:`confident_pass_categories`."""
-    f, last = _first_last_at_least(b, tbits)
-    if f < b.shape[0]:
+def _confident_row(y, f, last, above_ood, am, K):
+    """Pass 2 for one row, given its first and last confident column
+    (:func:`_first_last_at_least`) and whether it reaches any class's OOD
+    threshold (:func:`_any_at_least`): ``(guess, category)``. The guess (-1 if
+    none) is the one class the row is confident for, or its argmax ``am`` when
+    it is confident for several; see :func:`confident_pass_categories`."""
+    if f < K:
         g = am if last > f else np.int64(f)
         return g, (CATEGORY_LABEL_ISSUE if g != y else CATEGORY_OK)
-    if not _any_at_least(b, obits):
+    if not above_ood:
         return -1, CATEGORY_OUT_OF_DISTRIBUTION
     return -1, CATEGORY_UNCONFIDENT
 
@@ -1383,7 +1453,10 @@ def confident_pass_categories(B, labels, tbits, obits, argmax, n_chunks):
     for c in prange(n_chunks):
         for i in range(c * size, min(N, (c + 1) * size)):
             y = labels[i]
-            g, v = _confident_row(B[i], y, tbits, obits, argmax[i])
+            b = B[i]
+            f, last = _first_last_at_least(b, tbits)
+            above_ood = f < K or _any_at_least(b, obits)
+            g, v = _confident_row(y, f, last, above_ood, argmax[i], K)
             guess[i] = g
             offdiag[i] = v == CATEGORY_LABEL_ISSUE
             category[i] = v
@@ -1437,7 +1510,8 @@ def scan_rows(P, B, labels, tolerance, ubits, prec, want_entropy, tbits, obits, 
             r = P[i]
             b = B[i]
             y = labels[i]
-            ok, s, am, lim, sc, oth = _row_facts(r, b, y, tolerance, band, ubits, eps, prec)
+            lo, hi, ob, f, last, above_ood = _scan_row_confident(b, y, tbits, obits)
+            ok, s, am, lim, sc, oth = _row_facts(r, b, y, lo, hi, ob, tolerance, band, ubits, eps, prec)
             if not ok:
                 code, col, v = _first_problem(r, upper)
                 if code == CHECK_OK:
@@ -1452,7 +1526,7 @@ def scan_rows(P, B, labels, tolerance, ubits, prec, want_entropy, tbits, obits, 
                 for t in range(K):
                     buf[t] = _ld(r[t])
                 entropy[i] = _entropy_score(buf, K, sc, prec, log_k)
-            g, v = _confident_row(b, y, tbits, obits, am)
+            g, v = _confident_row(y, f, last, above_ood, am, K)
             guess[i] = g
             offdiag[i] = v == CATEGORY_LABEL_ISSUE
             category[i] = v

@@ -832,13 +832,27 @@ def test_estimate_latent_invariants():
     for rng, P, labels in _joint_cases(400, 120):
         cj, counts = pipeline_confident_joint(rng, P, labels)
         cal = kn.calibrate_confident_joint(cj, counts)
-        py, nm, inm = kn.estimate_latent(cal, counts)
+        py, nm, inm = kn.estimate_latent(cal, counts, 1)
         _check_latent(py, nm, inm, counts)
         if (counts > 0).all() and (np.diagonal(cal) > 0).all():
             np.testing.assert_allclose(nm.sum(axis=0), 1.0, rtol=0, atol=1e-12)
             n_full += 1
         n_empty += int((counts == 0).any())
     assert n_empty > 0 and n_full > 0
+
+
+@pytest.mark.parametrize("K", [2, 7, 33, 300])
+def test_estimate_latent_does_not_depend_on_the_blocks(K):
+    """The K x K steps run in parallel blocks at large K: every block count
+    gives bit-identical matrices (each entry and column sum in the same order)."""
+    rng = np.random.default_rng(K)
+    counts = rng.integers(0 if K > 2 else 1, 500, K).astype(np.int64)
+    cj = rng.integers(0, 40, (K, K)).astype(np.int64) * (rng.random((K, K)) < 0.3)
+    np.fill_diagonal(cj, np.maximum(counts // 2, 1))
+    serial = kn.estimate_latent(cj, counts, 1)
+    for nt in (2, 3, 8):
+        for a, b in zip(kn.estimate_latent(cj, counts, nt), serial, strict=True):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_estimate_latent_without_noise_is_identity():
@@ -848,7 +862,7 @@ def test_estimate_latent_without_noise_is_identity():
         K = int(rng.integers(2, 13))
         counts = rng.integers(1, 1000, K).astype(np.int64)
         cj = np.diag(counts).astype(np.int64)
-        py, nm, inm = kn.estimate_latent(cj, counts)
+        py, nm, inm = kn.estimate_latent(cj, counts, 1)
         np.testing.assert_array_equal(nm, np.eye(K))
         np.testing.assert_array_equal(inm, np.eye(K))
         ps = np.clip(counts / counts.sum(), 1e-5, 1.0)
