@@ -1294,3 +1294,27 @@ def test_argsort_stable_is_numpys_stable_argsort(head, n, seed):
     pool = np.array(head + [0.25, 0.5, 1.0, 0.0, -0.0], np.float64)
     values = np.concatenate([pool[rng.integers(0, len(pool), n)], rng.random(n // 2)])
     np.testing.assert_array_equal(kn.argsort_stable(values), np.argsort(values, kind="stable"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_find_issues_reports_the_first_problem_whichever_column(dtype):
+    """service.core computes the thresholds from the labels' values before
+    the one checking pass, and falls back to the checking pass alone when a
+    label's value is itself invalid: either way the error names the first
+    bad value in row order, as a check of every value would."""
+    from service import find_issues
+    from service.errors import InputError
+
+    rng = np.random.default_rng(11)
+    N, K = 500, 6
+    for trial in range(40):
+        P = rng.dirichlet(np.ones(K), N).astype(dtype)
+        labels = rng.integers(0, K, N)
+        bad = sorted(rng.choice(N, size=int(rng.integers(1, 4)), replace=False))
+        for i in bad:
+            on_label = rng.random() < 0.5
+            j = int(labels[i]) if on_label else int((labels[i] + 1 + rng.integers(K - 1)) % K)
+            P[i, j] = rng.choice([np.nan, -0.25, 1.75, np.inf])
+        with pytest.raises(InputError) as e:
+            find_issues(labels, P)
+        assert e.value.field.startswith(f"pred_probs[{bad[0]}]"), (trial, e.value.field, bad)
