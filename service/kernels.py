@@ -495,6 +495,51 @@ def _sum_band(K, upper, prec):
     return K * 2.0**-22 * (1.0 + upper) if prec == PREC32 else 0.0
 
 
+@njit(**_JIT)
+def _row_outputs(N, want_entropy):
+    """Pass 1's per-row outputs: argmax, label_is_max, selfconf, other, entropy."""
+    return (
+        np.empty(N, np.int64),
+        np.empty(N, np.bool_),
+        np.empty(N, np.float64),
+        np.empty(N, np.float64),
+        np.empty(N if want_entropy else 0, np.float64),
+    )
+
+
+@njit(**_JIT)
+def _problem_slots(n_chunks):
+    """Per chunk, its first problem: code, row, column, value."""
+    return (np.zeros(n_chunks, np.int64), np.zeros(n_chunks, np.int64), np.zeros(n_chunks, np.int64),
+            np.zeros(n_chunks, np.float64))
+
+
+@njit(**_JIT)
+def _first_reported(codes, rows, cols, vals):
+    """The first chunk's problem (chunks are in row order), or CHECK_OK."""
+    for c in range(codes.shape[0]):
+        if codes[c] != CHECK_OK:
+            return (codes[c], rows[c], cols[c], vals[c])
+    return (CHECK_OK, -1, -1, 0.0)
+
+
+@njit(inline="always", **_JIT)
+def _report(r, i, row_sum, upper):
+    """The problem of invalid row ``i``: its first bad value, else its sum."""
+    code, col, v = _first_problem(r, upper)
+    if code == CHECK_OK:
+        return CHECK_ROW_SUM, i, -1, row_sum
+    return code, i, col, v
+
+
+@njit(inline="always", **_JIT)
+def _entropy_of(r, buf, sc, prec, log_k):
+    """The confidence-weighted entropy score of row ``r`` (``buf``: K floats of room)."""
+    for t in range(r.shape[0]):
+        buf[t] = _ld(r[t])
+    return _entropy_score(buf, r.shape[0], sc, prec, log_k)
+
+
 @njit(parallel=True, **_JIT)
 def row_stats(P, B, labels, tolerance, ubits, prec, want_entropy, n_chunks):
     """One parallel pass: check every value and row, and collect per-row facts.
@@ -517,15 +562,8 @@ def row_stats(P, B, labels, tolerance, ubits, prec, want_entropy, n_chunks):
             ``want_entropy``, else empty.
     """
     N, K = P.shape
-    argmax = np.empty(N, np.int64)
-    label_is_max = np.empty(N, np.bool_)
-    selfconf = np.empty(N, np.float64)
-    other = np.empty(N, np.float64)
-    entropy = np.empty(N if want_entropy else 0, np.float64)
-    codes = np.zeros(n_chunks, np.int64)
-    rows = np.zeros(n_chunks, np.int64)
-    cols = np.zeros(n_chunks, np.int64)
-    vals = np.zeros(n_chunks, np.float64)
+    argmax, label_is_max, selfconf, other, entropy = _row_outputs(N, want_entropy)
+    codes, rows, cols, vals = _problem_slots(n_chunks)
     eps = _rnd(FLOATING_POINT_COMPARISON, prec)
     upper = 1.0 + tolerance
     log_k = math.log(K)
@@ -540,24 +578,12 @@ def row_stats(P, B, labels, tolerance, ubits, prec, want_entropy, n_chunks):
             lo, hi, ob = _scan_row(b, y)
             ok, s, am, lim, sc, oth = _row_facts(r, b, y, lo, hi, ob, tolerance, band, ubits, eps, prec)
             if not ok:
-                code, col, v = _first_problem(r, upper)
-                if code == CHECK_OK:
-                    code, col, v = CHECK_ROW_SUM, -1, s
-                codes[c], rows[c], cols[c], vals[c] = code, i, col, v
+                codes[c], rows[c], cols[c], vals[c] = _report(r, i, s, upper)
                 break
-            argmax[i] = am
-            label_is_max[i] = lim
-            selfconf[i] = sc
-            other[i] = oth
+            argmax[i], label_is_max[i], selfconf[i], other[i] = am, lim, sc, oth
             if want_entropy:
-                for t in range(K):
-                    buf[t] = _ld(r[t])
-                entropy[i] = _entropy_score(buf, K, sc, prec, log_k)
-    problem = (CHECK_OK, -1, -1, 0.0)
-    for c in range(n_chunks):
-        if codes[c] != CHECK_OK:
-            problem = (codes[c], rows[c], cols[c], vals[c])
-            break
+                entropy[i] = _entropy_of(r, buf, sc, prec, log_k)
+    problem = _first_reported(codes, rows, cols, vals)
     return problem, argmax, label_is_max, selfconf, other, entropy
 
 
@@ -1486,19 +1512,12 @@ def scan_rows(P, B, labels, tolerance, ubits, prec, want_entropy, tbits, obits, 
     confident_pass_categories' four; when a problem is found the other
     outputs are meaningless."""
     N, K = P.shape
-    argmax = np.empty(N, np.int64)
-    label_is_max = np.empty(N, np.bool_)
-    selfconf = np.empty(N, np.float64)
-    other = np.empty(N, np.float64)
-    entropy = np.empty(N if want_entropy else 0, np.float64)
+    argmax, label_is_max, selfconf, other, entropy = _row_outputs(N, want_entropy)
     offdiag = np.empty(N, np.bool_)
     category = np.empty(N, np.int8)
     guess = np.empty(N, np.int32)
     tally = np.zeros((n_chunks, 4), np.int64)
-    codes = np.zeros(n_chunks, np.int64)
-    rows = np.zeros(n_chunks, np.int64)
-    cols = np.zeros(n_chunks, np.int64)
-    vals = np.zeros(n_chunks, np.float64)
+    codes, rows, cols, vals = _problem_slots(n_chunks)
     eps = _rnd(FLOATING_POINT_COMPARISON, prec)
     upper = 1.0 + tolerance
     log_k = math.log(K)
@@ -1513,29 +1532,17 @@ def scan_rows(P, B, labels, tolerance, ubits, prec, want_entropy, tbits, obits, 
             lo, hi, ob, f, last, above_ood = _scan_row_confident(b, y, tbits, obits)
             ok, s, am, lim, sc, oth = _row_facts(r, b, y, lo, hi, ob, tolerance, band, ubits, eps, prec)
             if not ok:
-                code, col, v = _first_problem(r, upper)
-                if code == CHECK_OK:
-                    code, col, v = CHECK_ROW_SUM, -1, s
-                codes[c], rows[c], cols[c], vals[c] = code, i, col, v
+                codes[c], rows[c], cols[c], vals[c] = _report(r, i, s, upper)
                 break
-            argmax[i] = am
-            label_is_max[i] = lim
-            selfconf[i] = sc
-            other[i] = oth
+            argmax[i], label_is_max[i], selfconf[i], other[i] = am, lim, sc, oth
             if want_entropy:
-                for t in range(K):
-                    buf[t] = _ld(r[t])
-                entropy[i] = _entropy_score(buf, K, sc, prec, log_k)
+                entropy[i] = _entropy_of(r, buf, sc, prec, log_k)
             g, v = _confident_row(y, f, last, above_ood, am, K)
             guess[i] = g
             offdiag[i] = v == CATEGORY_LABEL_ISSUE
             category[i] = v
             tally[c, v] += 1
-    problem = (CHECK_OK, -1, -1, 0.0)
-    for c in range(n_chunks):
-        if codes[c] != CHECK_OK:
-            problem = (codes[c], rows[c], cols[c], vals[c])
-            break
+    problem = _first_reported(codes, rows, cols, vals)
     counts = np.zeros(4, np.int64)
     for c in range(n_chunks):
         counts += tally[c]
