@@ -178,6 +178,11 @@ def test_sigterm_to_one_worker_loses_no_request(tmp_path):
     victim_lines = [line for line in log if line.get("pid") == victim]
     drain = next(i for i, line in enumerate(victim_lines) if line["message"].startswith("shutdown signal: draining"))
     answered = [line for line in victim_lines if line.get("route") == "/find-issues"]
-    assert len(answered) == held[victim] and all(line["status"] == 200 and line["n"] == n for line in answered)
+    # The victim answered every large request it held. A small one sent just after the signal may
+    # also reach it before uvicorn's main loop (a 0.1 s tick) closes its listener: answered too.
+    large = [line for line in answered if line["n"] == n]
+    assert len(large) == held[victim], (held, answered)
+    assert all(line["status"] == 200 for line in answered), answered
+    assert all(line["n"] in (n, len(small["labels"])) for line in answered), answered
     # at least one of them was answered after the signal: in flight, drained, not lost
     assert any(line.get("route") == "/find-issues" for line in victim_lines[drain:]), victim_lines
