@@ -556,7 +556,6 @@ def create_app(settings: Settings | None = None) -> Litestar:
 
     settings = settings or Settings.from_env()
     state = State()
-    core.set_threads(settings.threads or available_cpus())
     app_metrics = metrics.Metrics(dataset_tags=metrics.DatasetTags(settings.dataset_tags, settings.dataset_tag_limit))
     app_limits = limits.Limits(
         settings.max_inflight_bytes or limits.auto_budget(settings.workers),

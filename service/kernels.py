@@ -957,14 +957,6 @@ def apply_num_to_remove_per_class(pcm, num_to_remove, label_counts):
 
 
 @njit(**_JIT)
-def _max_int(a):
-    m = 0
-    for v in a:
-        m = max(m, v)
-    return m
-
-
-@njit(**_JIT)
 def _compact(keys, rows, base, count, m, scratch):
     """Keep, in place and in order, the ``m`` smallest of ``keys[base:base +
     count]`` (equal keys: the earliest, which are the lowest row numbers);
@@ -1076,7 +1068,7 @@ def prune_by_noise_rate(P, B, order, starts, nonmax, pcm, min_examples_per_class
             base[j + 1] = base[j] + (2 * m + 16 if m > 0 else 0)
         keys = np.empty(base[K], np.float64)
         rows = np.empty(base[K], np.int64)
-        scratch = np.empty(2 * _max_int(want) + 16, np.float64)
+        scratch = np.empty(2 * want.max() + 16, np.float64)
         fill = np.zeros(K, np.int64)
         positive = np.zeros(K, np.int32)
         # Only negative keys (positive margins) qualify: each cell's cut-off
@@ -1487,9 +1479,7 @@ def confident_pass_categories(B, labels, tbits, obits, argmax, n_chunks):
             offdiag[i] = v == CATEGORY_LABEL_ISSUE
             category[i] = v
             tally[c, v] += 1
-    counts = np.zeros(4, np.int64)
-    for c in range(n_chunks):
-        counts += tally[c]
+    counts = tally.sum(axis=0)
     return offdiag, _count_pairs(labels, guess, K), category, counts
 
 
@@ -1543,9 +1533,7 @@ def scan_rows(P, B, labels, tolerance, ubits, prec, want_entropy, tbits, obits, 
             category[i] = v
             tally[c, v] += 1
     problem = _first_reported(codes, rows, cols, vals)
-    counts = np.zeros(4, np.int64)
-    for c in range(n_chunks):
-        counts += tally[c]
+    counts = tally.sum(axis=0)
     cj = _count_pairs(labels, guess, K) if problem[0] == CHECK_OK else np.zeros((K, K), np.int64)
     return problem, argmax, label_is_max, selfconf, other, entropy, offdiag, cj, category, counts
 
